@@ -1,0 +1,1 @@
+"""nomoat: build your own language model end to end."""
