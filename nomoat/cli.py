@@ -1,0 +1,253 @@
+"""The `nomoat` command: thin functions over library calls, one per subcommand.
+
+Bad input raises UserError, printed here as one line with exit status 2 (`--debug` shows the traceback).
+Config fields are overridden by name after `train`: `nomoat train --config cpu --train.lr 3e-4`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from nomoat.errors import UserError
+
+
+def _print_json(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from nomoat.data import read_documents
+    from nomoat.tokenizer import train_tokenizer
+
+    docs = (doc for path in args.inputs for doc in read_documents(path))
+    tok = train_tokenizer(docs, args.vocab_size)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tok.save(args.out)
+    print(f"wrote {args.out}: {tok.vocab_size} tokens, sha256 {tok.sha256[:12]}", file=sys.stderr)
+    if args.json:
+        _print_json({"path": args.out, "vocab_size": tok.vocab_size, "sha256": tok.sha256})
+
+
+def cmd_data_build(args: argparse.Namespace) -> None:
+    from nomoat.data import build_shards
+    from nomoat.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(args.tokenizer)
+    start = time.perf_counter()
+    manifest = build_shards(
+        args.inputs,
+        tok,
+        args.out,
+        val_inputs=args.val or (),
+        val_fraction=args.val_fraction,
+        progress=not args.json,
+    )
+    splits = manifest["splits"]
+    summary = {
+        "out": args.out,
+        "train_tokens": splits["train"]["tokens"],
+        "val_tokens": splits["val"]["tokens"],
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    print(
+        f"wrote {args.out}: {summary['train_tokens']:,} train and {summary['val_tokens']:,} val tokens",
+        file=sys.stderr,
+    )
+    if args.json:
+        _print_json(summary)
+
+
+def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from nomoat.config import load_config
+    from nomoat.train import TrainingInterrupted, train
+
+    cfg = load_config(args.config, overrides)
+    try:
+        result = train(cfg, resume=args.resume, progress=not args.json)
+    except TrainingInterrupted as e:
+        print(f"nomoat: {e}; continue with --resume", file=sys.stderr)
+        return 128 + e.signum
+    print(f"checkpoint: {result.checkpoint}", file=sys.stderr)
+    if args.json:
+        _print_json(
+            {
+                "step": result.step,
+                "train_loss": result.train_loss,
+                "val_loss": result.val_loss,
+                "val_bpb": result.val_bpb,
+                "train_seconds": result.train_seconds,
+                "tokens_per_s": result.tokens_per_s,
+                "checkpoint": str(result.checkpoint),
+            }
+        )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from nomoat.checkpoint import load_checkpoint
+    from nomoat.generate import generate_text
+
+    ckpt = load_checkpoint(args.model, device=args.device)
+    pieces = []
+    stream = generate_text(
+        ckpt.model,
+        ckpt.tokenizer,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    if not args.json:
+        print(args.prompt, end="", flush=True)
+    start = time.perf_counter()
+    for piece in stream:
+        pieces.append(piece)
+        if not args.json:
+            print(piece, end="", flush=True)
+    seconds = time.perf_counter() - start
+    text = "".join(pieces)
+    if args.json:
+        _print_json({"text": text, "tokens": len(ckpt.tokenizer.encode(text)), "seconds": seconds})
+    else:
+        print()
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from nomoat.checkpoint import load_checkpoint
+    from nomoat.data import ShardSet, check_tokenizer_matches
+    from nomoat.eval import evaluate_loss
+
+    ckpt = load_checkpoint(args.model, device=args.device)
+    shards = ShardSet(args.shards, args.split)
+    check_tokenizer_matches(shards.manifest, ckpt.tokenizer, str(ckpt.path / "tokenizer.json"))
+    seq_len = args.seq_len or ckpt.cfg.train.seq_len
+    result = evaluate_loss(ckpt.model, shards, args.batch_size, seq_len, args.max_batches, args.device)
+    print(
+        f"{args.split}: loss {result['val_loss']:.4f} nats/token, {result['val_bpb']:.4f} bits per byte",
+        file=sys.stderr,
+    )
+    if args.json:
+        _print_json(result)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from nomoat.demo import run_demo
+
+    result = run_demo(args.out, progress=not args.json)
+    if args.json:
+        _print_json(result)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nomoat", description="Build your own language model end to end.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, helptext: str, parent: Any = sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+        p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        return p
+
+    tokenizer = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer").add_subparsers(
+        dest="action", required=True
+    )
+    p = add("train", "train a byte-level BPE tokenizer on text files", tokenizer)
+    p.add_argument("inputs", nargs="+", help=".txt, .jsonl, .jsonl.zst files or folders")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--out", required=True, help="path of the tokenizer.json to write")
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="build token shards").add_subparsers(dest="action", required=True)
+    p = add("build", "tokenize a corpus into memory-mapped shards with a manifest", data)
+    p.add_argument("inputs", nargs="+", help=".txt, .jsonl, .jsonl.zst files or folders")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--val", nargs="+", help="inputs that form the validation split")
+    p.add_argument("--val-fraction", type=float, default=0.0005, help="share of documents held out")
+    p.set_defaults(func=cmd_data_build)
+
+    p = add("train", "pretrain a model; config fields are overridable as --section.key value")
+    p.add_argument("--config", required=True, help="run TOML file or preset name (cpu, gpt2-124m, ...)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.set_defaults(func=cmd_train)
+
+    p = add("generate", "sample text from a checkpoint")
+    p.add_argument("model", help="checkpoint folder or run folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
+
+    p = add("eval", "validation loss and bits per byte of a checkpoint on token shards")
+    p.add_argument("model", help="checkpoint folder or run folder")
+    p.add_argument("--shards", required=True)
+    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=0, help="0: the checkpoint's training seq_len")
+    p.add_argument("--max-batches", type=int, default=0, help="0: the whole split")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_eval)
+
+    p = add("demo", "corpus -> tokenizer -> train -> eval -> sample on the bundled Shakespeare")
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Pull `--section.key value` and `--section.key=value` out of argv for the config."""
+    rest, overrides = [], {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if "." in name:
+            if "=" in arg:
+                overrides[name] = arg.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                overrides[name] = argv[i + 1]
+                i += 1
+            else:
+                raise UserError(f"{arg} needs a value")
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        rest, overrides = split_overrides(argv)
+        args = build_parser().parse_args(rest)
+        if args.func is cmd_train:
+            return cmd_train(args, overrides)
+        if overrides:
+            raise UserError(f"config overrides such as --{next(iter(overrides))} only apply to `nomoat train`")
+        args.func(args)
+        return 0
+    except UserError as e:
+        if debug:
+            raise
+        print(f"nomoat: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nomoat: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

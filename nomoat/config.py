@@ -1,0 +1,281 @@
+"""Run configuration: frozen, keyword-only dataclasses that round-trip to TOML.
+
+A run is `RunConfig(model=..., data=..., train=...)`. Presets are TOML files in `nomoat/presets/`; the CLI
+applies dotted overrides (`--train.lr 3e-4`) checked against the field types. Nothing here touches torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from nomoat.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The switches below express GPT-2, GPT-NeoX/Pythia and LLaMA/Mistral/Qwen2 as one model."""
+
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # grouped-query attention (arXiv:2305.13245); None means n_head
+    d_model: int = 768
+    d_ff: int = 3072
+    head_dim: int | None = None  # None means d_model // n_head
+    max_seq_len: int = 1024
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu_tanh"
+    pos_emb: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    rotary_pct: float = 1.0  # GPT-NeoX rotates only the first part of each head
+    parallel_residual: bool = False  # GPT-J/NeoX: attention and MLP read the same input
+    bias: bool = True  # biases on every linear and norm (GPT-2, NeoX)
+    qkv_bias: bool = False  # biases on q/k/v only (Qwen2); implied by bias
+    tie_embeddings: bool = True
+    init: Literal["gpt2", "neox", "normal"] = "gpt2"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_seq_len")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim is None and self.d_model % self.n_head:
+            raise UserError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_head % self.kv_heads:
+            raise UserError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.kv_heads})")
+        if not 0.0 < self.rotary_pct <= 1.0:
+            raise UserError(f"model.rotary_pct must be in (0, 1], got {self.rotary_pct}")
+        if self.pos_emb == "rope" and self.rotary_dim % 2:
+            raise UserError(f"model.rotary_pct gives an odd rotary dimension ({self.rotary_dim})")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_head
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.dim_head * self.rotary_pct)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    shards: str = ""  # folder written by `nomoat data build`
+    tokenizer: str = ""  # tokenizer.json the shards were built with
+    verify: bool = True  # check shard sha256 on load
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    out_dir: str = "runs/default"
+    steps: int = 1000
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 256
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # final lr as a fraction of lr
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    decay_frac: float = 0.2  # warmup-stable-decay: the last fraction of steps that decays (arXiv:2404.06395)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 250  # 0 evaluates only at the end
+    eval_batches: int = 0  # 0 means the whole validation split
+    save_every: int = 500  # 0 saves only at the end
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "keep_last", "log_every"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or not 0.0 <= self.decay_frac <= 1.0:
+            raise UserError("train.warmup_steps must be >= 0 and train.decay_frac in [0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise UserError(
+                f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict for TOML: None fields are dropped, since TOML has no null and None is each one's default."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = to_dict(value)
+        elif value is not None:
+            out[f.name] = value
+    return out
+
+
+def to_toml(cfg: Any) -> str:
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def _check_value(key: str, hint: Any, value: Any) -> Any:
+    """Return value if it has the field's type (ints pass for floats), else raise naming the key."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            choices = ", ".join(repr(c) for c in typing.get_args(hint))
+            raise UserError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(key, args[0], value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool) or not isinstance(value, hint):
+        raise UserError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    if hint is int and isinstance(value, bool):
+        raise UserError(f"{key}: expected int, got bool {value!r}")
+    return value
+
+
+def _parse_text(key: str, hint: Any, text: str) -> Any:
+    """Parse a command-line string into the field's type."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null", ""):
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if origin is Literal or hint is str:
+        return _check_value(key, hint, text)
+    if hint is bool:
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off"):
+            return False
+        raise UserError(f"{key}: expected true or false, got {text!r}")
+    try:
+        if hint is int:
+            number = float(text)  # accepts 1e4 for steps, but not 2.5
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        return hint(text)
+    except ValueError:
+        raise UserError(f"{key}: expected {hint.__name__}, got {text!r}") from None
+
+
+def _unknown(key: str, valid: list[str]) -> UserError:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(valid)}"
+    return UserError(f"unknown config key {key!r}{hint}")
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def from_dict(raw: dict[str, Any], where: str = "config") -> RunConfig:
+    """Build a RunConfig from nested TOML tables, checking every key and type."""
+    sections: dict[str, Any] = {}
+    for name, table in raw.items():
+        if name not in SECTIONS:
+            raise _unknown(name, list(SECTIONS))
+        if not isinstance(table, dict):
+            raise UserError(f"{where}: [{name}] must be a table")
+        cls = SECTIONS[name]
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in table.items():
+            if key not in hints:
+                raise _unknown(f"{name}.{key}", _all_keys())
+            kwargs[key] = _check_value(f"{name}.{key}", hints[key], value)
+        sections[name] = cls(**kwargs)
+    return RunConfig(**sections)
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A path to a TOML file, or the name of a bundled preset such as `cpu` or `gpt2-124m`."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.toml"
+    if preset.is_file():
+        return preset
+    names = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+    raise UserError(f"config {name_or_path!r}: no such file or preset (presets: {', '.join(names)})")
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: invalid TOML ({e})") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:
+    """Set dotted keys (`train.lr`) from command-line strings, parsed by the field's type."""
+    merged = {k: dict(v) for k, v in raw.items()}
+    for dotted, text in overrides.items():
+        section, _, key = dotted.partition(".")
+        cls = SECTIONS.get(section)
+        hints = typing.get_type_hints(cls) if cls else {}
+        if key not in hints:
+            raise _unknown(dotted, _all_keys())
+        merged.setdefault(section, {})[key] = _parse_text(dotted, hints[key], text)
+    return merged
+
+
+def load_config(name_or_path: str, overrides: dict[str, str] | None = None) -> RunConfig:
+    path = resolve_preset(name_or_path)
+    return from_dict(apply_overrides(read_toml(path), overrides or {}), where=str(path))
+
+
+def replace(cfg: RunConfig, **sections: dict[str, Any]) -> RunConfig:
+    """Copy of cfg with fields changed per section: `replace(cfg, train={"steps": 10})`."""
+    return dataclasses.replace(
+        cfg, **{name: dataclasses.replace(getattr(cfg, name), **vals) for name, vals in sections.items()}
+    )
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(to_toml(cfg))

@@ -1,0 +1,323 @@
+"""Corpus to token shards: read documents, tokenize them, write `train_*.bin` / `val_*.bin` and manifest.json.
+
+Shards are raw little-endian token arrays (uint16 or uint32), each document followed by EOS, so the loader
+can memory-map them. The manifest records what went in (file hashes, counts) so a run can name its data.
+Not here: downloading corpora, deduplication or filtering; batching lives in loader.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import zstandard
+from tqdm import tqdm
+
+from nomoat.errors import UserError
+from nomoat.tokenizer import EOS_CANDIDATES, Tokenizer
+
+FORMAT_VERSION = 1
+SUFFIXES = (".txt", ".jsonl", ".jsonl.zst")
+CHUNK_CHARS = 1 << 16  # a long document is encoded in pieces of about this many characters
+BATCH_CHARS = 1 << 22  # characters handed to one encode_batch call: enough to keep every core busy
+# A split point after a newline that precedes a non-space is a pre-token boundary for GPT-2-style regexes.
+_SPLIT_POINT = re.compile(r"(?<=\n)(?=\S)")
+_PROBE = "Hello world.\nThe end, said he.\n\n  Indented\n'tis 42\n"
+
+
+def _suffix(path: Path) -> str | None:
+    return next((s for s in SUFFIXES if path.name.endswith(s)), None)
+
+
+def _input_files(path: Path) -> list[Path]:
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p))
+    if _suffix(path) is None:
+        raise UserError(f"{path}: unknown corpus format; expected a folder or one of {', '.join(SUFFIXES)}")
+    return [path]
+
+
+def _read_file(path: Path) -> Iterator[tuple[str, int]]:
+    """Yield (document, bytes of the file read so far): the count drives the progress bar."""
+    if path.name.endswith(".txt"):
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from e
+        yield text, len(data)
+        return
+    with open(path, "rb") as raw:
+        zst = _suffix(path) == ".jsonl.zst"
+        lines = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw)) if zst else raw
+        try:
+            for lineno, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise UserError(f"{path}:{lineno}: not a JSON line ({e})") from e
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise UserError(f'{path}:{lineno}: expected an object with a string "text" field')
+                yield record["text"], raw.tell()
+        except zstandard.ZstdError as e:
+            raise UserError(f"{path}: corrupt zstd stream ({e})") from e
+
+
+def read_documents(path: str | Path) -> Iterator[str]:
+    """Documents of a .txt (the whole file), .jsonl or .jsonl.zst (each line's "text"), or a folder."""
+    for file in _input_files(Path(path)):
+        for doc, _ in _read_file(file):
+            yield doc
+
+
+def _input_sha256(path: Path) -> str:
+    """sha256 of a file's bytes; for a folder, of each corpus file's relative path and bytes, in order."""
+    h = hashlib.sha256()
+    for file in _input_files(path):
+        if path.is_dir():
+            h.update(file.relative_to(path).as_posix().encode() + b"\0")
+            fh = hashlib.sha256()
+        else:
+            fh = h
+        with open(file, "rb") as f:
+            while block := f.read(1 << 20):
+                fh.update(block)
+        if fh is not h:
+            h.update(fh.digest())
+    return h.hexdigest()
+
+
+def _chunks(text: str) -> list[str]:
+    """Cut a long document after newlines so no encode call sees more than about CHUNK_CHARS characters."""
+    pieces, start = [], 0
+    while len(text) - start > CHUNK_CHARS:
+        m = _SPLIT_POINT.search(text, start + CHUNK_CHARS)
+        if m is None:
+            break
+        pieces.append(text[start : m.end()])
+        start = m.end()
+    pieces.append(text[start:])
+    return pieces
+
+
+def _chunking_is_exact(tokenizer: Tokenizer) -> bool:
+    # True for byte-level BPE with a GPT-2/Llama-3-style regex; false for e.g. SentencePiece-style tokenizers
+    # that prepend "▁" to every encode call. Then long documents are encoded whole: slower, never wrong.
+    return sum(tokenizer.encode_batch(_SPLIT_POINT.split(_PROBE)), []) == tokenizer.encode(_PROBE)
+
+
+def _in_val(data: bytes, val_fraction: float) -> bool:
+    # Content-based: a document's split does not depend on file order, and duplicates land together.
+    return int(hashlib.sha256(data).hexdigest(), 16) / 2**256 < val_fraction
+
+
+class _ShardWriter:
+    """Appends tokens to `{split}_000000.bin`, `{split}_000001.bin`, ... of at most `shard_tokens` each."""
+
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self.file = None
+        self.hash = hashlib.sha256()  # of the open shard
+        self.documents = self.tokens = self.bytes = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        while len(ids):
+            if self.file is None:
+                name = f"{self.split}_{len(self.shards):06d}.bin"
+                self.file = open(self.out_dir / name, "wb")
+                self.shards.append({"file": name, "tokens": 0})
+                self.hash = hashlib.sha256()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            data = ids[:room].astype(self.dtype).tobytes()
+            self.file.write(data)
+            self.hash.update(data)
+            self.shards[-1]["tokens"] += min(room, len(ids))
+            self.tokens += min(room, len(ids))
+            ids = ids[room:]
+            if self.shards[-1]["tokens"] == self.shard_tokens:
+                self.close()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.shards[-1]["sha256"] = self.hash.hexdigest()
+            self.file = None
+
+    def summary(self) -> dict:
+        return {
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "shards": self.shards,
+        }
+
+
+def _tokenize_into(
+    sources: list[tuple[Path, str]],
+    files: list[list[Path]],
+    tokenizer: Tokenizer,
+    writers: dict[str, _ShardWriter],
+    stats: list[dict],
+    bar: tqdm,
+    split_by_content: bool,
+    val_fraction: float,
+) -> None:
+    """Encode every document in batches of pieces and append its tokens plus EOS to its split's writer."""
+    chunked = _chunking_is_exact(tokenizer)
+    pieces: list[tuple[str, int, bool]] = []  # (split, input index, piece ends its document)
+    texts: list[str] = []
+    unreported = [0, 0]  # characters waiting in `texts`, file bytes read but not yet shown on the bar
+
+    def flush() -> None:
+        for (split, i, last), ids in zip(pieces, tokenizer.encode_batch(texts), strict=True):
+            tokens = np.array(ids + [tokenizer.eos_id] if last else ids, dtype=np.int64)
+            writers[split].write(tokens)
+            stats[i]["tokens"] += len(tokens)
+        bar.update(unreported[1])
+        pieces.clear()
+        texts.clear()
+        unreported[:] = [0, 0]
+
+    for i, ((_, source_split), input_files) in enumerate(zip(sources, files, strict=True)):
+        for file in input_files:
+            read = 0
+            for text, pos in _read_file(file):
+                unreported[1] += pos - read
+                read = pos
+                if not text:
+                    continue  # an empty document would add nothing but a lone EOS
+                data = text.encode()
+                split = source_split
+                if split_by_content:
+                    split = "val" if _in_val(data, val_fraction) else "train"
+                writers[split].documents += 1
+                writers[split].bytes += len(data)
+                stats[i]["documents"] += 1
+                stats[i]["bytes"] += len(data)
+                doc_pieces = _chunks(text) if chunked else [text]
+                for j, piece in enumerate(doc_pieces):
+                    pieces.append((split, i, j == len(doc_pieces) - 1))
+                    texts.append(piece)
+                    unreported[0] += len(piece)
+                    if unreported[0] >= BATCH_CHARS:
+                        flush()
+    flush()
+
+
+def build_shards(
+    inputs: Sequence[str | Path],
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    *,
+    val_inputs: Sequence[str | Path] = (),
+    val_fraction: float = 0.0005,
+    shard_tokens: int = 100_000_000,
+    progress: bool = True,
+) -> dict:
+    """Tokenize `inputs` and `val_inputs` into shards in `out_dir` (replaced atomically); return the manifest.
+
+    Without `val_inputs`, each document goes to val with probability `val_fraction`, decided by its content.
+    Same inputs and tokenizer give byte-identical files. Tokenization runs on all cores in the Rust library;
+    set RAYON_NUM_THREADS before the first encode to use fewer.
+    """
+    if tokenizer.eos_id is None:
+        raise UserError(f"the tokenizer has no end-of-document token (none of {', '.join(EOS_CANDIDATES)})")
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens < 1:
+        raise UserError(f"shard_tokens must be positive, got {shard_tokens}")
+    if not inputs:
+        raise UserError("no corpus inputs given")
+    out_dir = Path(out_dir).resolve()  # so that `.parent` and `.name` are real, even for "."
+    # Replacing a folder means deleting it: only ever delete one that we built.
+    if out_dir.exists() and (
+        not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file())
+    ):
+        raise UserError(f"{out_dir}: exists and is not a shard folder (no manifest.json); not replacing it")
+    sources = [(Path(p), "train") for p in inputs] + [(Path(p), "val") for p in val_inputs]
+    files = [_input_files(path) for path, _ in sources]  # fails fast on a missing input
+    dtype = np.dtype("<u2" if tokenizer.vocab_size <= 2**16 else "<u4")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left over from a crashed build by a process with our pid
+    tmp.mkdir()
+    try:
+        writers = {split: _ShardWriter(tmp, split, dtype, shard_tokens) for split in ("train", "val")}
+        stats = [
+            {"path": str(path), "sha256": _input_sha256(path), "documents": 0, "tokens": 0, "bytes": 0}
+            for path, _ in sources
+        ]
+        total = sum(f.stat().st_size for fs in files for f in fs)
+        with tqdm(total=total, unit="B", unit_scale=True, disable=not progress) as bar:
+            split_by_content = not val_inputs
+            _tokenize_into(sources, files, tokenizer, writers, stats, bar, split_by_content, val_fraction)
+        for w in writers.values():
+            w.close()
+        if writers["train"].documents + writers["val"].documents == 0:
+            raise UserError(f"no documents in {', '.join(str(p) for p in [*inputs, *val_inputs])}")
+        if writers["train"].tokens == 0:
+            raise UserError(f"train split empty: every document of {', '.join(map(str, inputs))} is val")
+        if writers["val"].tokens == 0 and (val_inputs or val_fraction > 0):
+            warnings.warn(f"{out_dir}: empty val split; pass val_inputs or more documents", stacklevel=2)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dtype": dtype.name,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "tokenizer_sha256": tokenizer.sha256,
+            "val_fraction": None if val_inputs else val_fraction,
+            "inputs": stats[: len(inputs)],
+            "val_inputs": stats[len(inputs) :],
+            "splits": {split: w.summary() for split, w in writers.items()},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            out_dir.rename(old / "shards")
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return manifest
+
+
+def load_manifest(shard_dir: str | Path) -> dict:
+    path = Path(shard_dir) / "manifest.json"
+    if not Path(shard_dir).is_dir():
+        raise UserError(f"{shard_dir}: no such shard folder")
+    if not path.is_file():
+        raise UserError(f"{path}: missing; build the shards first")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: not a format_version {FORMAT_VERSION} shard manifest")
+    return manifest
+
+
+def check_tokenizer_matches(manifest: dict, tokenizer: Tokenizer, where: str) -> None:
+    """Refuse to train on shards made by a different tokenizer: the ids would silently mean other tokens."""
+    if manifest["vocab_size"] != tokenizer.vocab_size or manifest["tokenizer_sha256"] != tokenizer.sha256:
+        raise UserError(
+            f"{where}: shards were built with tokenizer sha256 {manifest['tokenizer_sha256'][:12]} "
+            f"(vocab {manifest['vocab_size']}), but the tokenizer is sha256 {tokenizer.sha256[:12]} "
+            f"(vocab {tokenizer.vocab_size})"
+        )

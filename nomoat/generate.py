@@ -1,0 +1,81 @@
+"""Sampling: a streaming token iterator over the KV cache, and a text iterator on top of it.
+
+Greedy (temperature 0), temperature, top-k and top-p (nucleus, arXiv:1904.09751), seeded for repeatability.
+The model stays math-only; batching many requests and serving live in `serve/`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from nomoat.errors import UserError
+from nomoat.model import KVCache, Transformer
+from nomoat.tokenizer import Tokenizer, decode_stream
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> int:
+    """Draw one token id from the logits (V,) of the last position."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: Transformer,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_id: int | None = None,
+) -> Iterator[int]:
+    """Yield new token ids one at a time; stops at eos_id (not yielded), max_new_tokens or a full context."""
+    max_len = model.cfg.max_seq_len
+    if not prompt:
+        raise UserError("the prompt is empty: give at least one token")
+    if len(prompt) >= max_len:
+        raise UserError(f"the prompt has {len(prompt)} tokens; the model's context is {max_len}")
+    device = model.embed_tokens.weight.device
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    model.eval()
+    n_new = min(max_new_tokens, max_len - len(prompt))
+    cache = KVCache(model.cfg, 1, len(prompt) + n_new, device=device, dtype=model.embed_tokens.weight.dtype)
+    logits = model(torch.tensor([list(prompt)], device=device), cache=cache)[0, -1]
+    for i in range(n_new):
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        if token == eos_id:
+            return
+        yield token
+        if i + 1 < n_new:
+            logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]
+
+
+def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, **kwargs) -> Iterator[str]:
+    """Stream decoded text pieces for a prompt; kwargs as for generate_tokens."""
+    ids = tokenizer.encode(prompt)
+    kwargs.setdefault("eos_id", tokenizer.eos_id)
+    yield from decode_stream(tokenizer, generate_tokens(model, ids, **kwargs))

@@ -1,0 +1,220 @@
+"""One decoder-only transformer for GPT-2, GPT-NeoX/Pythia and LLaMA/Mistral/Qwen2, chosen by ModelConfig.
+
+Math only: no I/O, no optimizer, no sampling, no distributed code. Parameter names follow Hugging Face
+LLaMA (`q_proj`, `gate_proj`, ...); fused GPT-2/NeoX weights are split in `nomoat/convert/`, not here.
+Legend: B batch, T time, C d_model, H query heads, K key/value heads, D head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nomoat.config import ModelConfig
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for every layer, so decoding appends in place instead of concatenating."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None) -> None:
+        super().__init__()
+        shape = (cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.dim_head)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.pos = 0  # tokens already cached
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.size(2)
+        self.k[layer, :, :, self.pos : self.pos + t] = k
+        self.v[layer, :, :, self.pos : self.pos + t] = v
+        end = self.pos + t
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def rope_tables(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for rotary embeddings (arXiv:2104.09864), (length, rotary_dim), in fp32."""
+    dim = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # half-split layout, as Hugging Face LLaMA and NeoX use
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rotary_dim features of x (B, H, T, D); NeoX leaves the rest untouched."""
+    r = cos.size(-1)
+    rot, rest = x[..., :r], x[..., r:]
+    half = r // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    out = (rot * cos + rotated * sin).to(x.dtype)
+    return torch.cat([out, rest], dim=-1) if rest.numel() else out
+
+
+class Norm(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.weight = nn.Parameter(torch.ones(cfg.d_model))
+        use_bias = cfg.bias and cfg.norm == "layernorm"
+        self.bias = nn.Parameter(torch.zeros(cfg.d_model)) if use_bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rmsnorm":  # arXiv:1910.07467; computed in fp32 as LLaMA does
+            return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
+        return F.layer_norm(x, (x.size(-1),), self.weight, self.bias, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.h, self.k, self.d = layer, cfg.n_head, cfg.kv_heads, cfg.dim_head
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.d_model, self.h * self.d, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.k * self.d, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.k * self.d, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.h * self.d, cfg.d_model, bias=cfg.bias)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.h, self.d).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.k, self.d).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.k, self.d).transpose(1, 2)  # (B, K, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(self.layer, k, v)  # (B, K, start + T, D)
+        if self.k != self.h:  # grouped-query attention: each key/value head serves H / K query heads
+            k = k.repeat_interleave(self.h // self.k, dim=1)
+            v = v.repeat_interleave(self.h // self.k, dim=1)
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v)  # one new token sees the whole cache
+        else:  # a chunk after a cached prefix: query i sees keys up to start + i
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, self.h * self.d)  # (B, T, H*D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.kind = cfg.mlp
+        if cfg.mlp == "swiglu":  # arXiv:2002.05202
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        approximate = "tanh" if self.kind == "gelu_tanh" else "none"
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=approximate))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.parallel = cfg.parallel_residual
+        self.input_layernorm = Norm(cfg)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = Norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None
+    ) -> torch.Tensor:
+        if self.parallel:  # GPT-J/NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+            return x + self.self_attn(self.input_layernorm(x), rope, cache) + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos_emb == "learned":
+            self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        else:
+            cos, sin = rope_tables(cfg, cfg.max_seq_len)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = Norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise as each original does: GPT-2 scales residual outputs by 1/sqrt(2L) (GPT-2 paper, 2.3);
+        NeoX uses small_init sqrt(2/5C) (arXiv:1910.05895) and wang_init 2/(L sqrt C) for outputs;
+        LLaMA draws everything from N(0, init_std)."""
+        cfg = self.cfg
+        std, out_std = cfg.init_std, cfg.init_std
+        if cfg.init == "gpt2":
+            out_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        elif cfg.init == "neox":
+            std = math.sqrt(2 / (5 * cfg.d_model))
+            out_std = 2 / (cfg.n_layer * math.sqrt(cfg.d_model))
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_out = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, Norm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if cfg.pos_emb == "rope":  # buffers are not saved, so rebuild them after a move to the meta device
+            device = self.embed_tokens.weight.device
+            self.rope_cos, self.rope_sin = (t.to(device) for t in rope_tables(cfg, cfg.max_seq_len))
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, V). With a cache, idx continues the cached sequence."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        x = self.embed_tokens(idx)  # (B, T, C)
+        rope = None
+        if self.cfg.pos_emb == "learned":
+            x = x + self.embed_positions(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        for layer in self.layers:
+            x = layer(x, rope, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, counting tied weights once; non_embedding drops the input and position tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed_tokens.weight.numel() if not self.cfg.tie_embeddings else 0
+            if self.cfg.pos_emb == "learned":
+                n -= self.embed_positions.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per weight (forward + backward) plus attention scores
+        (PaLM, arXiv:2204.02311, appendix B)."""
+        n = self.num_params(non_embedding=True)
+        attn = 12 * self.cfg.n_layer * self.cfg.n_head * self.cfg.dim_head * seq_len
+        return 6 * n + attn
