@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +125,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", traine
         trainer_file = folder / "trainer.pt"
         if not trainer_file.is_file():
             raise UserError(f"{folder}: no trainer.pt, so training cannot resume from it")
-        trainer = torch.load(trainer_file, map_location="cpu", weights_only=True)
+        try:
+            trainer = torch.load(trainer_file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UserError(f"{trainer_file}: holds more than tensors and plain values; refusing to unpickle it") from e
     return Checkpoint(folder, cfg, model, tokenizer, trainer)
 
 

@@ -106,7 +106,7 @@ class TrainConfig:
     eval_every: int = 250  # 0 evaluates only at the end
     eval_batches: int = 0  # 0 means the whole validation split
     save_every: int = 500  # 0 saves only at the end
-    keep_last: int = 2
+    keep_last: int = 2  # 0 keeps every checkpoint
     log_every: int = 10
     seed: int = 1337
     device: str = "auto"  # auto: cuda when available, else cpu
@@ -114,9 +114,11 @@ class TrainConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "keep_last", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every"):
             if getattr(self, name) <= 0:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.keep_last < 0:
+            raise UserError(f"train.keep_last must be >= 0 (0 keeps every checkpoint), got {self.keep_last}")
         if self.warmup_steps < 0 or not 0.0 <= self.decay_frac <= 1.0:
             raise UserError("train.warmup_steps must be >= 0 and train.decay_frac in [0, 1]")
 

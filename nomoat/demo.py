@@ -55,16 +55,14 @@ def run_demo(out_dir: str | Path = "runs/demo", progress: bool = True) -> dict[s
         file=sys.stderr,
     )
     result = train(cfg, progress=progress)
-    say(
-        f"validation: {result.val_bpb:.3f} bits per byte (nanoGPT's CPU recipe: 2.72); loss plot {result.run_dir / 'loss.png'}",
-        file=sys.stderr,
-    )
+    plot = result.run_dir / "loss.png"
+    say(f"validation: {result.val_bpb:.3f} bits per byte (nanoGPT's CPU recipe: 2.72); plot: {plot}", file=sys.stderr)
     say("[4/4] sampling", file=sys.stderr)
     ckpt = load_checkpoint(result.checkpoint)
     sample = PROMPT + "".join(
         generate_text(ckpt.model, ckpt.tokenizer, PROMPT, max_new_tokens=200, temperature=0.8, top_k=50, seed=0)
     )
-    say("-" * 60 + "\n" + sample + "\n" + "-" * 60, file=sys.stderr)
+    say("-" * 60 + "\n" + sample + "\n" + "-" * 60)
     return {
         "val_bpb": result.val_bpb,
         "train_seconds": result.train_seconds,

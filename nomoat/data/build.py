@@ -262,13 +262,15 @@ def build_shards(
             for path, _ in sources
         ]
         total = sum(f.stat().st_size for fs in files for f in fs)
+        if total == 0:  # before the progress bar, so the error stays the only line printed
+            raise UserError(f"no documents in {', '.join(str(p) for p in [*inputs, *val_inputs])}: the corpus is empty")
         with tqdm(total=total, unit="B", unit_scale=True, disable=not progress) as bar:
             split_by_content = not val_inputs
             _tokenize_into(sources, files, tokenizer, writers, stats, bar, split_by_content, val_fraction)
         for w in writers.values():
             w.close()
         if writers["train"].documents + writers["val"].documents == 0:
-            raise UserError(f"no documents in {', '.join(str(p) for p in [*inputs, *val_inputs])}")
+            raise UserError(f"no documents in {', '.join(str(p) for p in [*inputs, *val_inputs])}: the corpus is empty")
         if writers["train"].tokens == 0:
             raise UserError(f"train split empty: every document of {', '.join(map(str, inputs))} is val")
         if writers["val"].tokens == 0 and (val_inputs or val_fraction > 0):

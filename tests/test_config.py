@@ -1,0 +1,115 @@
+"""Config: TOML round trips for every preset, typed overrides, and errors that name the key."""
+
+import dataclasses
+
+import pytest
+
+from nomoat.config import (
+    PRESET_DIR,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    from_dict,
+    load_config,
+    replace,
+    to_dict,
+    to_toml,
+)
+from nomoat.errors import UserError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover
+    import tomli as tomllib
+
+PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def test_presets_are_the_promised_ones():
+    assert {"cpu", "gpt2-124m", "pythia-160m", "llama-1b"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_round_trips_through_toml(name):
+    cfg = load_config(name)
+    again = from_dict(tomllib.loads(to_toml(cfg)))
+    assert again == cfg
+    assert to_dict(again) == to_dict(cfg)
+
+
+def test_presets_have_their_famous_sizes():
+    import torch
+
+    from nomoat.model import Transformer
+
+    with torch.device("meta"):
+        gpt2 = Transformer(load_config("gpt2-124m").model)
+        llama = Transformer(load_config("llama-1b").model)
+    # GPT-2 small counts 124M with its 50257-token table; the preset pads it to 50304
+    assert 124.0e6 < gpt2.num_params() < 124.6e6
+    assert 1.1e9 < llama.num_params() < 1.35e9
+
+
+def test_overrides_are_typed():
+    cfg = load_config(
+        "cpu", {"train.lr": "3e-4", "train.steps": "1e3", "train.compile": "true", "model.n_kv_head": "2"}
+    )
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.steps == 1000 and isinstance(cfg.train.steps, int)
+    assert cfg.train.compile is True
+    assert cfg.model.n_kv_head == 2
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("train.lr", "fast", "train.lr: expected float"),
+        ("train.steps", "2.5", "train.steps: expected int"),
+        ("train.compile", "maybe", "train.compile: expected true or false"),
+        ("model.norm", "batchnorm", "model.norm: 'batchnorm' is not one of"),
+        ("train.lrr", "1", "did you mean 'train.lr'"),
+        ("trian.lr", "1", "did you mean 'train.lr'"),
+    ],
+)
+def test_bad_overrides_name_the_key(key, value, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        load_config("cpu", {key: value})
+
+
+def test_toml_values_are_type_checked(tmp_path):
+    with pytest.raises(UserError, match="train.steps: expected int, got str"):
+        from_dict({"train": {"steps": "ten"}})
+    with pytest.raises(UserError, match="did you mean 'model.n_layer'"):
+        from_dict({"model": {"n_layers": 4}})
+    with pytest.raises(UserError, match="did you mean 'train'"):
+        from_dict({"trian": {}})
+    assert from_dict({"train": {"lr": 1}}).train.lr == 1.0  # an int is a fine float
+
+
+def test_missing_or_invalid_config_file(tmp_path):
+    with pytest.raises(UserError, match="no such file or preset"):
+        load_config(str(tmp_path / "nope.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nlr = 1")
+    with pytest.raises(UserError, match="invalid TOML"):
+        load_config(str(bad))
+
+
+def test_configs_are_frozen_keyword_only_and_validated():
+    cfg = ModelConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.n_layer = 3  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        ModelConfig(50257)  # type: ignore[misc]
+    with pytest.raises(UserError, match="divisible"):
+        ModelConfig(d_model=100, n_head=3)
+    with pytest.raises(UserError, match="n_kv_head"):
+        ModelConfig(n_head=12, n_kv_head=5)
+    with pytest.raises(UserError, match="exceeds model.max_seq_len"):
+        RunConfig(model=ModelConfig(max_seq_len=64), train=TrainConfig(seq_len=128))
+
+
+def test_replace_changes_one_section():
+    cfg = load_config("cpu")
+    changed = replace(cfg, train={"steps": 7})
+    assert changed.train.steps == 7 and changed.model == cfg.model

@@ -1,0 +1,65 @@
+"""Generation: greedy equals argmax of full forwards, sampling filters, seeds, stops, streaming text."""
+
+import pytest
+import torch
+
+from nomoat.config import ModelConfig
+from nomoat.errors import UserError
+from nomoat.generate import generate_text, generate_tokens, sample_next
+from nomoat.model import Transformer
+from nomoat.tokenizer import train_tokenizer
+
+CFG = ModelConfig(vocab_size=300, n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=40, pos_emb="rope")
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(CFG).eval()
+
+
+def test_greedy_equals_argmax_of_full_forward(model):
+    prompt = [5, 17, 42]
+    out = list(generate_tokens(model, prompt, max_new_tokens=10, temperature=0))
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(10):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert out == seq[3:]
+
+
+def test_seed_makes_sampling_repeatable(model):
+    a = list(generate_tokens(model, [1, 2], max_new_tokens=15, temperature=1.0, seed=3))
+    b = list(generate_tokens(model, [1, 2], max_new_tokens=15, temperature=1.0, seed=3))
+    c = list(generate_tokens(model, [1, 2], max_new_tokens=15, temperature=1.0, seed=4))
+    assert a == b and a != c
+
+
+def test_top_k_and_top_p_keep_only_the_head():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
+    g = torch.Generator().manual_seed(0)
+    assert {sample_next(logits, 1.0, top_k=2, generator=g) for _ in range(200)} == {0, 1}
+    probs = logits.softmax(-1)  # 0.64, 0.24, 0.09, ...: top_p 0.8 keeps the first two
+    assert probs[0] < 0.8 < probs[0] + probs[1]
+    assert {sample_next(logits, 1.0, top_p=0.8, generator=g) for _ in range(200)} == {0, 1}
+    assert {sample_next(logits, 1.0, top_p=0.5, generator=g) for _ in range(50)} == {0}
+    assert sample_next(logits, 0.0) == 0
+
+
+def test_stops_at_eos_and_at_full_context(model):
+    sampled = list(generate_tokens(model, [7], max_new_tokens=20, seed=0))
+    k = next(i for i, t in enumerate(sampled) if i > 0 and t not in sampled[:i])  # first fresh token
+    stopped = list(generate_tokens(model, [7], max_new_tokens=20, seed=0, eos_id=sampled[k]))
+    assert stopped == sampled[:k]
+    assert len(list(generate_tokens(model, list(range(30)), max_new_tokens=100, temperature=0))) == 10
+    with pytest.raises(UserError, match="context is 40"):
+        list(generate_tokens(model, list(range(40)), max_new_tokens=1))
+    with pytest.raises(UserError, match="empty"):
+        list(generate_tokens(model, [], max_new_tokens=1))
+
+
+def test_text_streams_and_matches_one_shot_decode(model):
+    tok = train_tokenizer(["To be, or not to be, that is the question. " * 20], vocab_size=300)
+    pieces = list(generate_text(model, tok, "To be", max_new_tokens=20, temperature=0))
+    ids = list(generate_tokens(model, tok.encode("To be"), max_new_tokens=20, temperature=0, eos_id=tok.eos_id))
+    assert "".join(pieces) == tok.decode(ids)

@@ -1,0 +1,128 @@
+"""Model: causality, KV-cache decoding equals a full forward pass, SDPA equals plain attention, sizes."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nomoat.model as model_module
+from nomoat.config import ModelConfig
+from nomoat.model import KVCache, Transformer
+
+TINY = {"vocab_size": 97, "n_layer": 2, "n_head": 4, "d_model": 32, "d_ff": 64, "max_seq_len": 32}
+ARCHS = {
+    "gpt2": ModelConfig(**TINY),
+    "neox": ModelConfig(
+        **TINY, mlp="gelu", pos_emb="rope", rotary_pct=0.5, parallel_residual=True, tie_embeddings=False, init="neox"
+    ),
+    "llama-gqa": ModelConfig(
+        **TINY,
+        n_kv_head=2,
+        norm="rmsnorm",
+        mlp="swiglu",
+        pos_emb="rope",
+        rope_theta=500000.0,
+        bias=False,
+        tie_embeddings=False,
+        init="normal",
+    ),
+    "qwen2": ModelConfig(
+        **TINY, n_kv_head=1, norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, qkv_bias=True, init="normal"
+    ),
+}
+
+
+def build(name: str) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(ARCHS[name]).eval()
+    with torch.no_grad():  # biases start at zero; randomise them so the tests can see a misplaced one
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_causal(name):
+    model = build(name)
+    idx = torch.randint(0, 97, (2, 16))
+    changed = idx.clone()
+    changed[:, 9] = (idx[:, 9] + 1) % 97
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :9], b[:, :9], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_kv_cache_decoding_equals_full_forward(name):
+    model = build(name)
+    idx = torch.randint(0, 97, (2, 20))
+    full = model(idx)
+    cache = KVCache(model.cfg, batch_size=2, max_len=20)
+    pieces = [model(idx[:, :7], cache=cache)]  # prefill
+    pieces += [model(idx[:, t : t + 1], cache=cache) for t in range(7, 12)]  # one token at a time
+    pieces.append(model(idx[:, 12:], cache=cache))  # a chunk after a cached prefix
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-5)
+    assert cache.pos == 20
+
+
+def reference_attention(q, k, v, attn_mask=None, is_causal=False):
+    """Textbook softmax(QK^T / sqrt(D)) V with an explicit mask."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    T, S = q.size(-2), k.size(-2)
+    if is_causal:
+        attn_mask = torch.ones(T, S, dtype=torch.bool).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_sdpa_equals_reference_attention(name, monkeypatch):
+    model = build(name)
+    idx = torch.randint(0, 97, (2, 16))
+    fast = model(idx)
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", reference_attention)
+    slow = model(idx)
+    cache = KVCache(model.cfg, batch_size=2, max_len=16)
+    slow_cached = torch.cat(
+        [model(idx[:, :5], cache=cache), model(idx[:, 5:6], cache=cache), model(idx[:, 6:], cache=cache)], 1
+    )
+    monkeypatch.undo()
+    assert F.scaled_dot_product_attention is not reference_attention
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast, slow_cached, rtol=1e-4, atol=1e-5)
+
+
+def test_tied_embeddings_share_storage():
+    model = build("gpt2")
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert build("neox").lm_head.weight is not build("neox").embed_tokens.weight
+
+
+def test_parameter_count_and_flops():
+    cfg = ARCHS["gpt2"]
+    model = Transformer(cfg)
+    C, L, F_, V, T = cfg.d_model, cfg.n_layer, cfg.d_ff, cfg.vocab_size, cfg.max_seq_len
+    per_layer = 4 * C * C + 4 * C + 2 * C * F_ + F_ + C + 4 * C  # attention, MLP, two LayerNorms
+    assert model.num_params() == V * C + T * C + L * per_layer + 2 * C
+    assert model.num_params(non_embedding=True) == model.num_params() - T * C
+    assert model.flops_per_token(16) == 6 * model.num_params(non_embedding=True) + 12 * L * C * 16
+
+
+def test_init_follows_the_originals():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=4096, n_layer=8, n_head=8, d_model=512, d_ff=2048, max_seq_len=64)
+    model = Transformer(cfg)
+    out_std = model.layers[0].self_attn.o_proj.weight.std().item()
+    in_std = model.layers[0].self_attn.q_proj.weight.std().item()
+    assert abs(in_std - 0.02) < 1e-3
+    assert abs(out_std - 0.02 / math.sqrt(2 * 8)) < 5e-4  # GPT-2's scaled residual init
+    assert model.layers[0].self_attn.q_proj.bias.abs().max() == 0
+
+
+def test_too_long_input_is_refused():
+    model = build("gpt2")
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        model(torch.zeros(1, 33, dtype=torch.long))

@@ -1,0 +1,112 @@
+"""Training: schedules, loss falls, bit-identical resume, and the errors that stop a run early."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_run
+
+from nomoat.checkpoint import list_checkpoints
+from nomoat.config import TrainConfig, replace
+from nomoat.errors import UserError
+from nomoat.tokenizer import train_tokenizer
+from nomoat.train import lr_at, train
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_warmup_cosine_schedule():
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    values = [lr_at(s, cfg) for s in range(10, 101)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_warmup_stable_decay_schedule():
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.0, schedule="wsd", decay_frac=0.2)
+    assert lr_at(50, cfg) == lr_at(79, cfg) == 1.0
+    assert lr_at(90, cfg) == pytest.approx(0.5)
+    assert lr_at(100, cfg) == pytest.approx(0.0)
+
+
+def test_loss_falls_and_run_folder_is_complete(shakespeare_shards, tmp_path):
+    cfg = tiny_run(shakespeare_shards, tmp_path / "run", steps=60, eval_every=30, save_every=30, keep_last=1)
+    result = train(cfg, progress=False)
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 60
+    first, last = sum(v for _, v in curve[:5]) / 5, sum(v for _, v in curve[-5:]) / 5
+    assert last < first - 1.0, (first, last)
+    assert result.val_bpb is not None and result.val_bpb < 8.0
+    assert (tmp_path / "run/loss.png").stat().st_size > 1000
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000060"]  # keep_last=1
+    files = {p.name for p in result.checkpoint.iterdir()}
+    assert files == {"model.safetensors", "config.toml", "tokenizer.json", "manifest.json", "trainer.pt"}
+
+
+def test_grad_accumulation_matches_a_bigger_batch(shakespeare_shards, tmp_path):
+    """Two micro-batches of 2 give the step of one batch of 4 when the loader hands out the same rows."""
+    one = train(tiny_run(shakespeare_shards, tmp_path / "a", steps=1, batch_size=4), progress=False)
+    two = train(tiny_run(shakespeare_shards, tmp_path / "b", steps=1, batch_size=2, grad_accum=2), progress=False)
+    assert one.step == two.step == 1
+    assert abs(one.train_loss - two.train_loss) < 1.0  # same scale: the accumulated loss is a mean, not a sum
+
+
+def test_resume_is_bit_identical(shakespeare_shards, tmp_path):
+    full = tmp_path / "full"
+    train(tiny_run(shakespeare_shards, full, steps=20, save_every=10), progress=False)
+    half = tmp_path / "half"
+    shutil.copytree(full, half)
+    shutil.rmtree(half / "checkpoints/step_00000020")  # as if the run had died after step 10's checkpoint
+    cfg = replace(tiny_run(shakespeare_shards, half, steps=20, save_every=10), train={"out_dir": str(half)})
+    result = train(cfg, resume=True, progress=False)
+    assert result.step == 20
+    assert losses(half) == losses(full)  # exact float equality, step by step
+    a = torch.load(full / "checkpoints/step_00000020/trainer.pt", weights_only=True)
+    b = torch.load(half / "checkpoints/step_00000020/trainer.pt", weights_only=True)
+    assert a["loader"] == b["loader"]
+    assert all(torch.equal(x, y) for x, y in zip(_tensors(a), _tensors(b), strict=True))
+
+
+def _tensors(state: dict) -> list[torch.Tensor]:
+    return [v for s in state["optimizer"]["state"].values() for v in s.values()]
+
+
+def test_resume_with_a_different_model_is_refused(shakespeare_shards, tmp_path):
+    train(tiny_run(shakespeare_shards, tmp_path, steps=10), progress=False)
+    cfg = replace(tiny_run(shakespeare_shards, tmp_path, steps=20), model={"d_ff": 96})
+    with pytest.raises(UserError, match=r"different model config \(model.d_ff: 64 -> 96\)"):
+        train(cfg, resume=True, progress=False)
+
+
+def test_run_folder_guards(shakespeare_shards, tmp_path):
+    with pytest.raises(UserError, match="no checkpoint to resume from"):
+        train(tiny_run(shakespeare_shards, tmp_path / "empty"), resume=True, progress=False)
+    train(tiny_run(shakespeare_shards, tmp_path / "done", steps=10), progress=False)
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        train(tiny_run(shakespeare_shards, tmp_path / "done", steps=10), progress=False)
+
+
+def test_tokenizer_must_match_shards_and_model(shakespeare_shards, tmp_path):
+    other = train_tokenizer(["a completely different corpus of text " * 50], vocab_size=300)
+    other.save(tmp_path / "other.json")
+    cfg = replace(tiny_run(shakespeare_shards, tmp_path / "r"), data={"tokenizer": str(tmp_path / "other.json")})
+    with pytest.raises(UserError, match="other.json"):
+        train(cfg, progress=False)
+    small = replace(tiny_run(shakespeare_shards, tmp_path / "r"), model={"vocab_size": 100})
+    with pytest.raises(UserError, match="more than model.vocab_size 100"):
+        train(small, progress=False)
+
+
+def test_missing_shards_are_named(shakespeare_shards, tmp_path):
+    cfg = replace(tiny_run(shakespeare_shards, tmp_path / "r"), data={"shards": str(tmp_path / "nowhere")})
+    with pytest.raises(UserError, match="nowhere"):
+        train(cfg, progress=False)
