@@ -9,6 +9,7 @@ loading, evaluation, checkpoints. Usage: `python benchmarks/train_speed.py [--st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from nomoat.config import ModelConfig, TrainConfig
 from nomoat.model import Transformer
-from nomoat.train import lr_at, make_optimizer
+from nomoat.train import autocast_for, lr_at, make_optimizer
 
 Step = Callable[[], None]
 
@@ -44,6 +45,12 @@ def parse_args() -> argparse.Namespace:
         default="both",
         help="which nomoat variants to time; torch.compile costs a minute or more of CPU the first time",
     )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="bfloat16 runs both sides under CPU autocast; float32 is nomoat's default on CPU",
+    )
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return p.parse_args()
@@ -53,6 +60,7 @@ def nomoat_step(model: Transformer, compiled: bool, tc: TrainConfig, x: torch.Te
     """One optimizer step exactly as the body of nomoat.train.train's loop runs it (grad_accum=1)."""
     device = x.device
     optimizer = make_optimizer(model, tc, device)
+    autocast = autocast_for(device, tc.dtype)
     forward = torch.compile(model) if compiled else model
     state = {"step": 0}
 
@@ -62,7 +70,8 @@ def nomoat_step(model: Transformer, compiled: bool, tc: TrainConfig, x: torch.Te
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for _ in range(tc.grad_accum):
-            logits = forward(x)  # no autocast: nomoat trains in fp32 on CPU
+            with autocast or contextlib.nullcontext():
+                logits = forward(x)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / tc.grad_accum
             loss.backward()
             loss_sum += loss.detach()
@@ -82,13 +91,15 @@ def hf_step(model: torch.nn.Module, tc: TrainConfig, x: torch.Tensor) -> Step:
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if tc.dtype == "bfloat16" else None
     state = {"step": 0}
 
     def step() -> None:
         lr = lr_at(state["step"], tc)  # same schedule, so both sides do the same arithmetic
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = model(input_ids=x, labels=x).loss  # HF shifts labels inside, so x holds all T positions
+        with autocast or contextlib.nullcontext():  # as HF Trainer's bf16=True wraps the forward
+            loss = model(input_ids=x, labels=x).loss  # HF shifts labels inside, so x holds all T positions
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
@@ -126,7 +137,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    tc = TrainConfig(batch_size=args.batch, seq_len=args.seq_len, warmup_steps=0, schedule="constant")
+    tc = TrainConfig(
+        batch_size=args.batch, seq_len=args.seq_len, warmup_steps=0, schedule="constant", dtype=args.dtype, device="cpu"
+    )
     mc = ModelConfig(
         vocab_size=args.vocab,
         n_layer=args.layers,
@@ -158,7 +171,8 @@ def main() -> None:
 
     counts = {name: n_params(m) for name, m in models.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, default compile={TrainConfig().compile}")
-    print(f"shape: V={args.vocab} L={args.layers} H={args.heads} C={args.dim} T={args.seq_len} B={args.batch}")
+    shape = f"V={args.vocab} L={args.layers} H={args.heads} C={args.dim} T={args.seq_len} B={args.batch}"
+    print(f"shape: {shape}, {args.dtype}")
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     if len(set(counts.values())) != 1:
         raise SystemExit("parameter counts differ: the two models do not have the same shape")
@@ -200,7 +214,7 @@ def main() -> None:
         print(f"{name:>16}: median {median[name]:,.0f} tok/s, best {best[name]:,.0f} tok/s")
     headline = "nomoat_compiled" if TrainConfig().compile else "nomoat_eager"
     for key, value in ratios.items():
-        mark = "  <- nomoat's default" if key.startswith(headline) else ""
+        mark = "  <- nomoat's default" if key.startswith(headline) and args.dtype == "float32" else ""
         print(f"ratio {key}: {value:.2f}x{mark}")
     if "nomoat_compiled" in first_step_s:
         print(f"compile: the first compiled step took {first_step_s['nomoat_compiled']:.1f}s")
@@ -209,11 +223,12 @@ def main() -> None:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "shape": {k: vars(args)[k] for k in ("vocab", "layers", "heads", "dim", "seq_len", "batch")},
+            "dtype": args.dtype,
             "params": counts["hf"],
             "tokens_per_s": median,
             "tokens_per_s_best": best,
             "ratios": ratios,
-            "headline": f"{headline}/hf" if f"{headline}/hf" in ratios else None,
+            "headline": f"{headline}/hf" if f"{headline}/hf" in ratios and args.dtype == "float32" else None,
             "first_step_s": first_step_s,
         }
         print(json.dumps(result))
