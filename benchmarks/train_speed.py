@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from nomoat.config import ModelConfig, TrainConfig
 from nomoat.model import Transformer
-from nomoat.train import autocast_for, lr_at, make_optimizer
+from nomoat.train import autocast_for, lr_at, make_optimizer, train_step
 
 Step = Callable[[], None]
 
@@ -57,27 +57,20 @@ def parse_args() -> argparse.Namespace:
 
 
 def nomoat_step(model: Transformer, compiled: bool, tc: TrainConfig, x: torch.Tensor, y: torch.Tensor) -> Step:
-    """One optimizer step exactly as the body of nomoat.train.train's loop runs it (grad_accum=1)."""
+    """One optimizer step through nomoat.train.train_step, the function the training loop calls."""
     device = x.device
     optimizer = make_optimizer(model, tc, device)
     autocast = autocast_for(device, tc.dtype)
     forward = torch.compile(model) if compiled else model
     state = {"step": 0}
 
+    batches = itertools.repeat((x, y))
+
     def step() -> None:
         lr = lr_at(state["step"], tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(tc.grad_accum):
-            with autocast or contextlib.nullcontext():
-                logits = forward(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / tc.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(forward, model, optimizer, batches, tc, autocast, device)
         state["step"] += 1
 
     return step

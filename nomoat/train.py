@@ -12,8 +12,9 @@ import dataclasses
 import json
 import math
 import signal
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,34 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     ]
     fused = device.type in ("cuda", "cpu")  # fused kernels exist for these; others use foreach
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+
+
+def train_step(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    tc: TrainConfig,
+    autocast: torch.autocast | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over tc.grad_accum micro-batches; returns (mean loss, grad norm before clipping).
+
+    `forward` is the model itself or its torch.compile wrapper; the benchmark calls this same function.
+    """
+    loss_sum = torch.zeros((), device=device)
+    for _ in range(tc.grad_accum):
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast or contextlib.nullcontext():
+            logits = forward(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / tc.grad_accum
+        loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
 
 
 def pick_device(name: str) -> torch.device:
@@ -206,18 +235,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
             lr = lr_at(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(tc.grad_accum):
-                x, y = next(loader)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast or contextlib.nullcontext():
-                    logits = forward(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / tc.grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sum, grad_norm = train_step(forward, model, optimizer, loader, tc, autocast, device)
             step += 1
             tokens_since += tokens_per_step
 
@@ -244,7 +262,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
                 pause = time.perf_counter()
                 val = validate(step)
                 t_last += time.perf_counter() - pause  # validation time is not training time
-                bar.write(f"step {step}: val loss {val['val_loss']:.4f}, {val['val_bpb']:.4f} bits per byte")
+                if progress:
+                    line = f"step {step}: val loss {val['val_loss']:.4f}, {val['val_bpb']:.4f} bits per byte"
+                    bar.write(line, sys.stderr)
             if stop.signum is not None and not is_last:
                 bar.close()
                 raise TrainingInterrupted(stop.signum, save(step))

@@ -142,7 +142,7 @@ def test_resume_with_another_model_config_is_refused(shakespeare_shards, tmp_pat
 
 
 def test_sigint_saves_and_resume_continues_bit_identically(shakespeare_shards, tmp_path):
-    steps = {"steps": 300, "save_every": 0, "eval_every": 0}
+    steps = {"steps": 1000, "save_every": 0, "eval_every": 0}
     reference = write_run(shakespeare_shards, tmp_path / "ref", tmp_path / "ref.toml", **steps)
     nomoat("train", "--config", str(reference))
 
