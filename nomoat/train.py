@@ -101,7 +101,7 @@ def autocast_for(device: torch.device, dtype: str) -> torch.autocast | None:
 
 
 class StopFlag:
-    """Turns SIGINT/SIGTERM into a request to save and stop after the current step."""
+    """Turns SIGINT/SIGTERM into a request to save and stop after the current step; a second one stops at once."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -109,6 +109,8 @@ class StopFlag:
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopFlag]:
         def handler(signum: int, frame: Any) -> None:
+            if self.signum is not None:  # a second signal means "now": give up on the checkpoint
+                raise KeyboardInterrupt
             self.signum = signum
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
