@@ -126,3 +126,181 @@ def test_too_long_input_is_refused():
     model = build("gpt2")
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+# Parity with the reference implementation: random tiny Hugging Face models, weights renamed into ours.
+# The key maps are spelled out here only to check the math; reading real checkpoints belongs to nomoat/convert/.
+
+
+def _llama_pair(transformers):
+    hc = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    cfg = ModelConfig(
+        vocab_size=97,
+        d_model=32,
+        d_ff=48,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        max_seq_len=32,
+        rope_theta=5000.0,
+        norm_eps=1e-6,
+        norm="rmsnorm",
+        mlp="swiglu",
+        pos_emb="rope",
+        bias=False,
+        tie_embeddings=False,
+    )
+    hf = transformers.LlamaForCausalLM(hc)
+    return hf, cfg, {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+
+
+def _qwen2_pair(transformers):
+    hc = transformers.Qwen2Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    )
+    cfg = ModelConfig(
+        vocab_size=97,
+        d_model=32,
+        d_ff=48,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=1,
+        max_seq_len=32,
+        norm_eps=1e-6,
+        norm="rmsnorm",
+        mlp="swiglu",
+        pos_emb="rope",
+        bias=False,
+        qkv_bias=True,
+        tie_embeddings=True,
+    )
+    hf = transformers.Qwen2ForCausalLM(hc)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)  # zero biases would hide a missing one
+    return hf, cfg, {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+
+
+def _gpt2_pair(transformers):
+    hc = transformers.GPT2Config(
+        vocab_size=97,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0,
+        embd_pdrop=0,
+        attn_pdrop=0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    cfg = ModelConfig(vocab_size=97, d_model=32, d_ff=128, n_layer=2, n_head=4, max_seq_len=32)
+    hf = transformers.GPT2LMHeadModel(hc)
+    names = {
+        "ln_1": "input_layernorm",
+        "ln_2": "post_attention_layernorm",
+        "attn.c_proj": "self_attn.o_proj",
+        "mlp.c_fc": "mlp.up_proj",
+        "mlp.c_proj": "mlp.down_proj",
+    }
+    sd = {}
+    for key, v in hf.state_dict().items():
+        key = key.removeprefix("transformer.")
+        module, kind = key.rsplit(".", 1)
+        if module in ("wte", "wpe", "ln_f"):
+            sd[{"wte": "embed_tokens", "wpe": "embed_positions", "ln_f": "norm"}[module] + "." + kind] = v
+        elif module.startswith("h."):
+            _, i, inner = module.split(".", 2)
+            conv1d = kind == "weight" and not inner.startswith("ln_")  # GPT-2's Conv1D stores (in, out)
+            v = v.t() if conv1d else v
+            if inner == "attn.c_attn":
+                for proj, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, 0), strict=True):
+                    sd[f"layers.{i}.self_attn.{proj}.{kind}"] = part
+            else:
+                sd[f"layers.{i}.{names[inner]}.{kind}"] = v
+    return hf, cfg, sd
+
+
+def _neox_pair(transformers):
+    hc = transformers.GPTNeoXConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+    cfg = ModelConfig(
+        vocab_size=97,
+        d_model=32,
+        d_ff=128,
+        n_layer=2,
+        n_head=4,
+        max_seq_len=32,
+        mlp="gelu",
+        pos_emb="rope",
+        rotary_pct=0.25,
+        parallel_residual=True,
+        tie_embeddings=False,
+    )
+    hf = transformers.GPTNeoXForCausalLM(hc)
+    names = {
+        "attention.dense": "self_attn.o_proj",
+        "mlp.dense_h_to_4h": "mlp.up_proj",
+        "mlp.dense_4h_to_h": "mlp.down_proj",
+    }
+    sd = {}
+    for key, v in hf.state_dict().items():
+        key = key.removeprefix("gpt_neox.")
+        module, kind = key.rsplit(".", 1)
+        if module in ("embed_in", "embed_out", "final_layer_norm", "lm_head"):
+            top = {"embed_in": "embed_tokens", "final_layer_norm": "norm"}.get(module, "lm_head")
+            sd[f"{top}.{kind}"] = v
+            continue
+        _, i, inner = module.split(".", 2)
+        if inner == "attention.query_key_value":  # per head [q | k | v] (H, 3, D, ...)
+            heads = v.view(4, 3, 8, *v.shape[1:])
+            for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                sd[f"layers.{i}.self_attn.{proj}.{kind}"] = heads[:, j].reshape(32, *v.shape[1:])
+        else:
+            sd[f"layers.{i}.{names.get(inner, inner)}.{kind}"] = v
+    return hf, cfg, sd
+
+
+@pytest.mark.parametrize("pair", [_llama_pair, _qwen2_pair, _gpt2_pair, _neox_pair])
+def test_logits_match_transformers(pair):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf, cfg, state = pair(transformers)
+    hf.eval()
+    ours = Transformer(cfg).eval()
+    missing, unexpected = ours.load_state_dict(state, strict=False)
+    assert unexpected == [] and set(missing) <= ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    idx = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf(idx).logits, rtol=1e-4, atol=1e-5)
