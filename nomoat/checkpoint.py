@@ -20,9 +20,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nomoat.config import RunConfig, from_dict, read_toml, save_config
+from nomoat.config import ModelConfig, RunConfig, from_dict, read_toml, save_config
 from nomoat.errors import UserError
-from nomoat.model import Transformer
+from nomoat.model import Transformer, rope_tables
 from nomoat.tokenizer import Tokenizer
 
 PREFIX = "step_"
@@ -110,10 +110,14 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", trainer_state: bool = False) -> Checkpoint:
+    """A nomoat checkpoint or run folder, or a Hugging Face model folder (config.json), detected by its files."""
+    if (Path(path) / "config.json").is_file() and not (Path(path) / "config.toml").is_file():
+        from nomoat.convert import load_hf  # only HF folders need the key maps
+
+        return load_hf(path, device=device)
     folder = resolve_checkpoint(path)
     cfg = from_dict(read_toml(folder / "config.toml"), where=str(folder / "config.toml"))
-    model = Transformer(cfg.model)
-    load_weights(model, folder / "model.safetensors")
+    model = build_model(cfg.model, read_safetensors([folder / "model.safetensors"]), str(folder / "model.safetensors"))
     model.to(device)
     tokenizer = Tokenizer.load(folder / "tokenizer.json")
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -132,19 +136,40 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", traine
     return Checkpoint(folder, cfg, model, tokenizer, trainer)
 
 
-def load_weights(model: Transformer, file: Path) -> None:
-    try:
-        state = load_file(str(file))
-    except FileNotFoundError:
-        raise UserError(f"{file}: no such file") from None
-    except SafetensorError as e:
-        raise UserError(f"{file}: not a readable safetensors file ({e})") from None
-    if model.cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise UserError(f"{file}: weights do not fit the config ({str(e).splitlines()[-1].strip()})") from None
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
-    if missing or unexpected:
-        raise UserError(f"{file}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of the files, memory-mapped, so that building a model holds one copy of the weights."""
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"{file}: weight file missing")
+        try:
+            state.update(load_file(str(file)))
+        except SafetensorError as e:
+            reason = "truncated or corrupt" if "incomplete" in str(e).lower() or "too small" in str(e).lower() else e
+            raise UserError(f"{file}: not a readable safetensors file ({reason})") from None
+    return state
+
+
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str) -> Transformer:
+    """A model whose parameters are the given tensors (no random init, no second copy), checked name by name."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight")
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {extra[0]}"
+        more = len(missing) + len(extra) - 1
+        raise UserError(f"{where}: {what}" + (f" (and {more} more)" if more else "") + " for this config")
+    for name, shape in expected.items():
+        if state[name].shape != shape:
+            raise UserError(f"{where}: tensor {name} has shape {tuple(state[name].shape)}, config wants {tuple(shape)}")
+    model.load_state_dict(state, strict=False, assign=True)  # names and shapes checked above
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    if cfg.pos_emb == "rope":  # non-persistent buffers stayed on the meta device
+        model.rope_cos, model.rope_sin = rope_tables(cfg, cfg.max_seq_len)
+    return model
