@@ -67,7 +67,7 @@ def test_bad_checkpoints_are_named(saved, tmp_path):
         load_checkpoint(broken)
     (broken / "config.toml").write_text((folder / "config.toml").read_text().replace("d_ff = 64", "d_ff = 96"))
     shutil.copy(folder / "model.safetensors", broken / "model.safetensors")
-    with pytest.raises(UserError, match=r"tensor layers.0.mlp.gate_proj.weight has shape \(64, 32\), config wants \(96, 32\)"):
+    with pytest.raises(UserError, match=r"layers.0.mlp.gate_proj.weight has shape \(64, 32\), config wants \(96"):
         load_checkpoint(broken)
 
 
