@@ -137,6 +137,24 @@ def cmd_eval(args: argparse.Namespace) -> None:
         _print_json(result)
 
 
+def cmd_convert_from_hf(args: argparse.Namespace) -> None:
+    from nomoat.convert import from_hf
+
+    out = from_hf(args.hf_dir, args.out)
+    print(f"wrote nomoat checkpoint {out}", file=sys.stderr)
+
+
+def cmd_convert_to_hf(args: argparse.Namespace) -> None:
+    import torch
+
+    from nomoat.checkpoint import load_checkpoint
+    from nomoat.convert import to_hf
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype or "")
+    out = to_hf(load_checkpoint(args.checkpoint), args.out, dtype=dtype)
+    print(f"wrote Hugging Face folder {out}", file=sys.stderr)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from nomoat.demo import run_demo
 
@@ -199,6 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=0, help="0: the whole split")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)
+
+    convert = sub.add_parser("convert", help="convert between nomoat and Hugging Face checkpoints")
+    convert = convert.add_subparsers(dest="action", required=True)
+    p = add("from-hf", "turn a Hugging Face model folder into a nomoat checkpoint", convert)
+    p.add_argument("hf_dir", help="folder with config.json, *.safetensors and tokenizer.json")
+    p.add_argument("out", help="checkpoint folder to write")
+    p.set_defaults(func=cmd_convert_from_hf)
+    p = add("to-hf", "write a checkpoint as a Hugging Face folder that transformers loads", convert)
+    p.add_argument("checkpoint", help="checkpoint folder or run folder")
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights; default: as stored")
+    p.set_defaults(func=cmd_convert_to_hf)
 
     p = add("demo", "corpus -> tokenizer -> train -> eval -> sample on the bundled Shakespeare")
     p.add_argument("--out", default="runs/demo")

@@ -44,6 +44,11 @@ class ModelConfig:
     mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu_tanh"
     pos_emb: Literal["learned", "rope"] = "learned"
     rope_theta: float = 10000.0
+    rope_scaling: Literal["none", "llama3"] = "none"  # Llama 3.1's long-context frequency scaling
+    rope_factor: float = 8.0  # the llama3 fields below follow Hugging Face's rope_scaling keys
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
     rotary_pct: float = 1.0  # GPT-NeoX rotates only the first part of each head
     parallel_residual: bool = False  # GPT-J/NeoX: attention and MLP read the same input
     bias: bool = True  # biases on every linear and norm (GPT-2, NeoX)

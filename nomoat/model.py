@@ -17,28 +17,44 @@ from nomoat.config import ModelConfig
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values for every layer, so decoding appends in place instead of concatenating."""
+    """Preallocated keys and values for every layer, written in place at a position held as a tensor.
+
+    Attention reads the whole buffer under a mask rather than a slice up to the current position, so a one-token
+    step has the same shapes and the same code at every position: `torch.compile` traces it once.
+    """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None) -> None:
         super().__init__()
         shape = (cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.dim_head)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.pos = 0  # tokens already cached
+        self.register_buffer("pos", torch.zeros((), dtype=torch.long, device=device), persistent=False)  # tokens cached
         self.max_len = max_len
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = k.size(2)
-        self.k[layer, :, :, self.pos : self.pos + t] = k
-        self.v[layer, :, :, self.pos : self.pos + t] = v
-        end = self.pos + t
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def update(
+        self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, K, T, D) at positions pos (T,); return the layer's whole buffers (B, K, max_len, D)."""
+        self.k[layer].index_copy_(2, pos, k)
+        self.v[layer].index_copy_(2, pos, v)
+        return self.k[layer], self.v[layer]
 
 
 def rope_tables(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin for rotary embeddings (arXiv:2104.09864), (length, rotary_dim), in fp32."""
     dim = cfg.rotary_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if cfg.rope_scaling == "llama3":  # slow down low frequencies, keep high ones, blend between (Llama 3.1)
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen = cfg.rope_original_max_seq_len / cfg.rope_low_freq_factor
+        high_wavelen = cfg.rope_original_max_seq_len / cfg.rope_high_freq_factor
+        smooth = (cfg.rope_original_max_seq_len / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+        )
+        blended = (1 - smooth) * inv_freq / cfg.rope_factor + smooth * inv_freq
+        inv_freq = torch.where(
+            wavelen < high_wavelen, inv_freq, torch.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, blended)
+        )
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # half-split layout, as Hugging Face LLaMA and NeoX use
     return angles.cos(), angles.sin()
@@ -79,7 +95,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.h * self.d, cfg.d_model, bias=cfg.bias)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+        pos: torch.Tensor,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.h, self.d).transpose(1, 2)  # (B, H, T, D)
@@ -87,19 +107,18 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.k, self.d).transpose(1, 2)  # (B, K, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        start = 0
+        mask = None
         if cache is not None:
-            start = cache.pos
-            k, v = cache.update(self.layer, k, v)  # (B, K, start + T, D)
+            k, v = cache.update(self.layer, pos, k, v)  # (B, K, S, D), S = cache.max_len
+            # Unwritten slots hold zeros and later tokens' slots are in the future: a query at position p sees
+            # only the keys at positions <= p.
+            mask = pos[:, None] >= torch.arange(k.size(2), device=x.device)  # (T, S)
         if self.k != self.h:  # grouped-query attention: each key/value head serves H / K query heads
             k = k.repeat_interleave(self.h // self.k, dim=1)
             v = v.repeat_interleave(self.h // self.k, dim=1)
-        if start == 0:
+        if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-        elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v)  # one new token sees the whole cache
-        else:  # a chunk after a cached prefix: query i sees keys up to start + i
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, self.h * self.d)  # (B, T, H*D)
         return self.o_proj(y)
@@ -131,11 +150,16 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+        pos: torch.Tensor,
     ) -> torch.Tensor:
         if self.parallel:  # GPT-J/NeoX: x + attn(ln1(x)) + mlp(ln2(x))
-            return x + self.self_attn(self.input_layernorm(x), rope, cache) + self.mlp(self.post_attention_layernorm(x))
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache)
+            attn = self.self_attn(self.input_layernorm(x), rope, cache, pos)
+            return x + attn + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -186,19 +210,22 @@ class Transformer(nn.Module):
             self.rope_cos, self.rope_sin = (t.to(device) for t in rope_tables(cfg, cfg.max_seq_len))
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, V). With a cache, idx continues the cached sequence."""
+        """Token ids (B, T) -> logits (B, T, V). With a cache, idx continues the cached sequence; the caller keeps
+        it within cache.max_len (reading cache.pos back to check would stall every step on a device sync)."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        if cache is not None:
+            pos = pos + cache.pos
         x = self.embed_tokens(idx)  # (B, T, C)
         rope = None
         if self.cfg.pos_emb == "learned":
-            x = x + self.embed_positions(torch.arange(start, start + T, device=idx.device))
+            x = x + self.embed_positions(pos)
         else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            rope = (self.rope_cos[pos], self.rope_sin[pos])
         for layer in self.layers:
-            x = layer(x, rope, cache)
+            x = layer(x, rope, cache, pos)
         if cache is not None:
             cache.pos += T
         return self.lm_head(self.norm(x))  # (B, T, V)
