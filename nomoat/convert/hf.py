@@ -197,6 +197,7 @@ def _join_qkv(arch: str, cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: 
 
 
 def weights_from_hf(arch: str, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename (and split, transpose) HF tensors into ours; consumes `state` so that memory is freed as it goes."""
     if arch in LLAMA_LIKE:
         return {k.removeprefix("model."): v for k, v in state.items() if not k.endswith(_IGNORED)}
     top = {hf: ours for ours, hf in _TOP[arch].items()}
@@ -205,7 +206,8 @@ def weights_from_hf(arch: str, cfg: ModelConfig, state: dict[str, torch.Tensor])
     layer_map = {hf: ours for ours, hf in (_GPT2_LAYER if arch == "GPT2LMHeadModel" else _NEOX_LAYER).items()}
     prefix = "transformer.h." if arch == "GPT2LMHeadModel" else "gpt_neox.layers."
     out: dict[str, torch.Tensor] = {}
-    for key, t in state.items():
+    for key in list(state):
+        t = state.pop(key)  # let each source tensor go once converted: peak memory stays near one copy
         key = key.removeprefix("transformer.") if arch == "GPT2LMHeadModel" else key
         if key.endswith(_IGNORED):
             continue
