@@ -103,6 +103,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        compile=args.compile,
     )
     if not args.json:
         print(args.prompt, end="", flush=True)
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step: ~10 s once, then faster")
     p.set_defaults(func=cmd_generate)
 
     p = add("eval", "validation loss and bits per byte of a checkpoint on token shards")

@@ -16,19 +16,19 @@ from torch import nn
 from nomoat.config import ModelConfig
 
 
-class KVCache(nn.Module):
-    """Preallocated keys and values for every layer, written in place at a position held as a tensor.
+class KVCache:
+    """Preallocated keys and values, written in place at positions held as a tensor.
 
-    Attention reads the whole buffer under a mask rather than a slice up to the current position, so a one-token
-    step has the same shapes and the same code at every position: `torch.compile` traces it once.
+    Attention reads a layer's whole buffer under a mask rather than a slice up to the current position, so a
+    one-token step has the same shapes at every position and `torch.compile` traces it once. Each layer has its
+    own buffers because a compiled in-place write through a view of one stacked tensor copies all of it.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None) -> None:
-        super().__init__()
-        shape = (cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.dim_head)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("pos", torch.zeros((), dtype=torch.long, device=device), persistent=False)  # tokens cached
+        shape = (batch_size, cfg.kv_heads, max_len, cfg.dim_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # tokens already cached
         self.max_len = max_len
 
     def update(

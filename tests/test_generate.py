@@ -28,6 +28,18 @@ def test_greedy_equals_argmax_of_full_forward(model):
     assert out == seq[3:]
 
 
+@pytest.mark.slow  # Inductor compiles the step: seconds on 2 cores
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
+def test_compiled_decoding_equals_eager(pos_emb):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**vars(CFG), "pos_emb": pos_emb}))
+    prompt = [5, 17, 42]
+    eager = list(generate_tokens(model, prompt, max_new_tokens=12, temperature=0))
+    assert list(generate_tokens(model, prompt, max_new_tokens=12, temperature=0, compile=True)) == eager
+    sampled = list(generate_tokens(model, prompt, max_new_tokens=12, seed=1))
+    assert list(generate_tokens(model, prompt, max_new_tokens=12, seed=1, compile=True)) == sampled
+
+
 def test_seed_makes_sampling_repeatable(model):
     a = list(generate_tokens(model, [1, 2], max_new_tokens=15, temperature=1.0, seed=3))
     b = list(generate_tokens(model, [1, 2], max_new_tokens=15, temperature=1.0, seed=3))

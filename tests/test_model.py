@@ -304,3 +304,17 @@ def test_logits_match_transformers(pair):
     idx = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), hf(idx).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+def test_one_token_step_traces_once(name):
+    """Positions live in a tensor and attention reads the whole cache under a mask, so decoding compiles once."""
+    model = build(name)
+    idx = torch.randint(0, 97, (1, 12))
+    cache = KVCache(model.cfg, batch_size=1, max_len=12)
+    torch._dynamo.reset()  # forget other tests' traces of Transformer.forward
+    step = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)  # Dynamo only: cheap to trace
+    pieces = [model(idx[:, :4], cache=cache)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        pieces += [step(idx[:, t : t + 1], cache) for t in range(4, 12)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), model(idx), rtol=1e-4, atol=1e-5)
