@@ -207,5 +207,16 @@ def test_bad_checkpoints_are_named_and_nothing_is_written(tmp_path, tokenizer_di
     (folder / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=1)))
     assert "unexpected tensor layers.1." in one_line_error(convert)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_missing_shard_is_named(tmp_path, tokenizer_dir):
+    make_hf("llama-gqa", tmp_path / "hf", tokenizer_dir, max_shard_size="20KB")
+    index = json.loads((tmp_path / "hf/model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[1]
+    (tmp_path / "hf" / victim).unlink()
+    assert f"{victim}: weight file missing" in one_line_error(
+        ["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "o")]
+    )
+    assert not (tmp_path / "o").exists()
     with pytest.raises(UserError, match="no such file"):
         load_hf(tmp_path / "nowhere")
