@@ -183,8 +183,8 @@ _IGNORED = (".attn.bias", ".attn.masked_bias", "attention.bias", "attention.mask
 
 def _split_qkv(arch: str, cfg: ModelConfig, t: torch.Tensor) -> list[torch.Tensor]:
     H, K, D = cfg.n_head, cfg.kv_heads, cfg.dim_head
-    if arch == "GPT2LMHeadModel":  # [q | k | v] along the output features
-        return [p.contiguous() for p in t.split([H * D, K * D, K * D], dim=0)]
+    if arch == "GPT2LMHeadModel":  # [q | k | v] along the output features; views, so no copy is made
+        return list(t.split([H * D, K * D, K * D], dim=0))
     heads = t.reshape(H, 3, D, *t.shape[1:])  # NeoX interleaves per head: [q_h | k_h | v_h] for each head h
     return [heads[:, j].reshape(H * D, *t.shape[1:]).contiguous() for j in range(3)]
 
@@ -220,12 +220,12 @@ def weights_from_hf(arch: str, cfg: ModelConfig, state: dict[str, torch.Tensor])
             raise UserError(f"unexpected tensor {key} in a {arch} checkpoint")
         ours = layer_map[inner]
         if arch == "GPT2LMHeadModel" and kind == "weight" and not inner.startswith("ln_"):
-            t = t.t()  # Conv1D stores (in, out)
+            t = t.t()  # Conv1D stores (in, out); a transposed view multiplies as fast as a copy would
         if ours == "self_attn.qkv":
             for name, part in zip(("q_proj", "k_proj", "v_proj"), _split_qkv(arch, cfg, t), strict=True):
                 out[f"layers.{i}.self_attn.{name}.{kind}"] = part
         else:
-            out[f"layers.{i}.{ours}.{kind}"] = t.contiguous()
+            out[f"layers.{i}.{ours}.{kind}"] = t
     return out
 
 
