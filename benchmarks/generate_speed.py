@@ -123,66 +123,17 @@ def copy_bandwidth(mib: int = 512, repeats: int = 10) -> tuple[float, float]:
 
 
 def hf_twin(model: Transformer) -> torch.nn.Module:
-    """A Hugging Face model of the same shape holding nomoat's weights, copied by an explicit key map."""
+    """A Hugging Face model of the same shape holding nomoat's weights, through nomoat's own export key maps."""
     import transformers  # optional dependency, imported only here
 
-    cfg = model.cfg
-    ours = model.state_dict()
-    if cfg.pos_emb == "learned":  # GPT-2
-        hc = transformers.GPT2Config(
-            vocab_size=cfg.vocab_size,
-            n_positions=cfg.max_seq_len,
-            n_embd=cfg.d_model,
-            n_layer=cfg.n_layer,
-            n_head=cfg.n_head,
-            n_inner=cfg.d_ff,
-            activation_function="gelu_new",  # GPT-2's tanh approximation
-            layer_norm_epsilon=cfg.norm_eps,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-        hf = transformers.GPT2LMHeadModel(hc)
-        sd = {
-            "transformer.wte.weight": ours["embed_tokens.weight"],
-            "transformer.wpe.weight": ours["embed_positions.weight"],
-            "transformer.ln_f.weight": ours["norm.weight"],
-            "transformer.ln_f.bias": ours["norm.bias"],
-        }
-        for i in range(cfg.n_layer):
-            a, h = f"layers.{i}.", f"transformer.h.{i}."
-            for hf_name, name in (("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm")):
-                sd[f"{h}{hf_name}.weight"], sd[f"{h}{hf_name}.bias"] = (
-                    ours[f"{a}{name}.weight"],
-                    ours[f"{a}{name}.bias"],
-                )
-            # HF GPT-2 fuses q, k, v into one Conv1D, which stores its weight as (in, out): the transpose of ours.
-            qkv = [f"{a}self_attn.{p}_proj" for p in "qkv"]
-            sd[h + "attn.c_attn.weight"] = torch.cat([ours[n + ".weight"] for n in qkv]).t()
-            sd[h + "attn.c_attn.bias"] = torch.cat([ours[n + ".bias"] for n in qkv])
-            conv1d = (("attn.c_proj", "self_attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"), ("mlp.c_proj", "mlp.down_proj"))
-            for hf_name, name in conv1d:
-                sd[f"{h}{hf_name}.weight"] = ours[f"{a}{name}.weight"].t()
-                sd[f"{h}{hf_name}.bias"] = ours[f"{a}{name}.bias"]
-        expected_missing = {"lm_head.weight"}  # tied to wte
-    else:  # LLaMA: our names are HF's under "model.", except the output head
-        hc = transformers.LlamaConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.d_model,
-            intermediate_size=cfg.d_ff,
-            num_hidden_layers=cfg.n_layer,
-            num_attention_heads=cfg.n_head,
-            num_key_value_heads=cfg.kv_heads,
-            max_position_embeddings=cfg.max_seq_len,
-            rope_theta=cfg.rope_theta,
-            rms_norm_eps=cfg.norm_eps,
-            tie_word_embeddings=False,
-        )
-        hf = transformers.LlamaForCausalLM(hc)
-        sd = {(k if k == "lm_head.weight" else "model." + k): v for k, v in ours.items()}
-        expected_missing = set()
-    missing, unexpected = hf.load_state_dict({k: v.contiguous() for k, v in sd.items()}, strict=False)
-    if unexpected or set(missing) - expected_missing:
+    from nomoat.convert.hf import architecture_of, config_to_hf, weights_to_hf
+
+    arch = architecture_of(model.cfg)
+    hf_config = config_to_hf(model.cfg, arch)
+    hf = getattr(transformers, arch)(transformers.AutoConfig.for_model(**hf_config))
+    state = weights_to_hf(arch, model.cfg, model.state_dict())
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if model.cfg.tie_embeddings else set()):
         raise SystemExit(f"key map incomplete: missing {missing}, unexpected {unexpected}")
     # Greedy to exactly n tokens: no end-of-sequence id, so no logits processor can touch the argmax.
     hf.generation_config.eos_token_id = None
