@@ -37,6 +37,10 @@ def cmd_data_build(args: argparse.Namespace) -> None:
     from nomoat.data import build_shards
     from nomoat.tokenizer import Tokenizer
 
+    if len(args.inputs) == 1 and args.inputs[0].endswith(".toml"):
+        return cmd_data_build_recipe(args)
+    if args.tokenizer is None:
+        raise UserError("data build: --tokenizer is required unless the one input is a recipe .toml")
     tok = Tokenizer.load(args.tokenizer)
     start = time.perf_counter()
     manifest = build_shards(
@@ -56,6 +60,30 @@ def cmd_data_build(args: argparse.Namespace) -> None:
     }
     print(
         f"wrote {args.out}: {summary['train_tokens']:,} train and {summary['val_tokens']:,} val tokens",
+        file=sys.stderr,
+    )
+    if args.json:
+        _print_json(summary)
+
+
+def cmd_data_build_recipe(args: argparse.Namespace) -> None:
+    from nomoat.data.recipe import build_corpus
+
+    if args.tokenizer or args.val:
+        raise UserError("data build RECIPE.toml: the tokenizer and validation split are set in the recipe")
+    start = time.perf_counter()
+    sheet = build_corpus(args.inputs[0], args.out, progress=not args.json)
+    splits = sheet["splits"]
+    summary = {
+        "out": args.out,
+        "train_tokens": splits["train"]["tokens"],
+        "val_tokens": splits["val"]["tokens"],
+        "sources": {s["name"]: s["tokens_out"] for s in sheet["sources"]},
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    print(
+        f"wrote {args.out}: {summary['train_tokens']:,} train and {summary['val_tokens']:,} val tokens, "
+        "datasheet.md and mixture.png",
         file=sys.stderr,
     )
     if args.json:
@@ -186,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="build token shards").add_subparsers(dest="action", required=True)
     p = add("build", "tokenize a corpus into memory-mapped shards with a manifest", data)
-    p.add_argument("inputs", nargs="+", help=".txt, .jsonl, .jsonl.zst files or folders")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json")
+    p.add_argument("inputs", nargs="+", help=".txt, .jsonl(.zst|.gz), .parquet files or folders; or one recipe .toml")
+    p.add_argument("--tokenizer", help="tokenizer.json (required unless the input is a recipe)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--val", nargs="+", help="inputs that form the validation split")
     p.add_argument("--val-fraction", type=float, default=0.0005, help="share of documents held out")

@@ -173,6 +173,14 @@ def _check_value(key: str, hint: Any, value: Any) -> Any:
         if value is None:
             return None
         return _check_value(key, args[0], value)
+    if origin is tuple:  # TOML arrays arrive as lists; `(str, ...)` is any length, `(float, float)` exactly two
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            raise UserError(f"{key}: expected an array, got {type(value).__name__} {value!r}")
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(value) != len(items):
+            raise UserError(f"{key}: expected an array of {len(items)} items, got {value!r}")
+        return tuple(_check_value(f"{key}[{i}]", h, v) for i, (h, v) in enumerate(zip(items, value, strict=True)))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is bool and not isinstance(value, bool) or not isinstance(value, hint):

@@ -2,11 +2,13 @@
 
 Shards are raw little-endian token arrays (uint16 or uint32), each document followed by EOS, so the loader
 can memory-map them. The manifest records what went in (file hashes, counts) so a run can name its data.
+`write_shards` takes any stream of documents (recipe.py feeds it cleaned ones); `build_shards` reads files.
 Not here: downloading corpora, deduplication or filtering; batching lives in loader.py.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -15,7 +17,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ from nomoat.errors import UserError
 from nomoat.tokenizer import EOS_CANDIDATES, Tokenizer
 
 FORMAT_VERSION = 1
-SUFFIXES = (".txt", ".jsonl", ".jsonl.zst")
+SUFFIXES = (".txt", ".jsonl", ".jsonl.zst", ".jsonl.gz", ".parquet")
 CHUNK_CHARS = 1 << 16  # a long document is encoded in pieces of about this many characters
 BATCH_CHARS = 1 << 22  # characters handed to one encode_batch call: enough to keep every core busy
 # A split point after a newline that precedes a non-space is a pre-token boundary for GPT-2-style regexes.
@@ -48,19 +50,51 @@ def _input_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _read_file(path: Path) -> Iterator[tuple[str, int]]:
-    """Yield (document, bytes of the file read so far): the count drives the progress bar."""
-    if path.name.endswith(".txt"):
+def _text_record(record: object, text_field: str, where: str) -> dict:
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        raise UserError(f'{where}: expected an object with a string "{text_field}" field')
+    return record
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[dict, int]]:
+    try:
+        import pyarrow.parquet as pq  # optional: only parquet corpora need it
+    except ImportError:
+        raise UserError(f"{path}: reading parquet needs pyarrow; pip install pyarrow") from None
+    try:
+        pf = pq.ParquetFile(path)
+        rows, size, done = max(pf.metadata.num_rows, 1), path.stat().st_size, 0
+        for batch in pf.iter_batches():
+            for record in batch.to_pylist():
+                done += 1
+                yield _text_record(record, text_field, f"{path}: row {done}"), size * done // rows
+    except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid, for a corrupt file, is a ValueError
+        raise UserError(f"{path}: not a readable parquet file ({e})") from e
+
+
+def read_records(path: Path, fmt: str | None = None, text_field: str = "text") -> Iterator[tuple[dict, int]]:
+    """Yield (record, bytes of the file read so far): a .txt is one record {text_field: whole file}, a JSON-lines
+    or parquet file one per line or row, each with a string `text_field`. `fmt` is one of SUFFIXES without the
+    dot; None takes it from the file name. The byte count drives progress bars."""
+    fmt = fmt or (_suffix(path) or "").lstrip(".")
+    if fmt == "txt":
         data = path.read_bytes()
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from e
-        yield text, len(data)
+        yield {text_field: text}, len(data)
         return
+    if fmt == "parquet":
+        yield from _read_parquet(path, text_field)
+        return
+    if fmt not in ("jsonl", "jsonl.zst", "jsonl.gz"):
+        raise UserError(f"{path}: unknown corpus format {fmt!r}; expected one of {', '.join(SUFFIXES)}")
     with open(path, "rb") as raw:
-        zst = _suffix(path) == ".jsonl.zst"
-        lines = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw)) if zst else raw
+        if fmt == "jsonl.zst":
+            lines = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+        else:
+            lines = gzip.GzipFile(fileobj=raw) if fmt == "jsonl.gz" else raw
         try:
             for lineno, line in enumerate(lines, 1):
                 if not line.strip():
@@ -69,11 +103,16 @@ def _read_file(path: Path) -> Iterator[tuple[str, int]]:
                     record = json.loads(line)
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
                     raise UserError(f"{path}:{lineno}: not a JSON line ({e})") from e
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise UserError(f'{path}:{lineno}: expected an object with a string "text" field')
-                yield record["text"], raw.tell()
+                yield _text_record(record, text_field, f"{path}:{lineno}"), raw.tell()
         except zstandard.ZstdError as e:
             raise UserError(f"{path}: corrupt zstd stream ({e})") from e
+        except (gzip.BadGzipFile, EOFError) as e:
+            raise UserError(f"{path}: corrupt gzip stream ({e})") from e
+
+
+def _read_file(path: Path) -> Iterator[tuple[str, int]]:
+    for record, pos in read_records(path):
+        yield record["text"], pos
 
 
 def read_documents(path: str | Path) -> Iterator[str]:
@@ -167,89 +206,86 @@ class _ShardWriter:
 
 
 def _tokenize_into(
-    sources: list[tuple[Path, str]],
-    files: list[list[Path]],
+    documents: Iterable[tuple[int, str]],
+    splits: Sequence[str | None],
     tokenizer: Tokenizer,
     writers: dict[str, _ShardWriter],
     stats: list[dict],
-    bar: tqdm,
-    split_by_content: bool,
     val_fraction: float,
 ) -> None:
-    """Encode every document in batches of pieces and append its tokens plus EOS to its split's writer."""
+    """Encode every document in batches of pieces and append its tokens plus EOS to its split's writer.
+
+    A document of input i goes to splits[i], or, where that is None, to the split its content hashes to."""
     chunked = _chunking_is_exact(tokenizer)
     pieces: list[tuple[str, int, bool]] = []  # (split, input index, piece ends its document)
     texts: list[str] = []
-    unreported = [0, 0]  # characters waiting in `texts`, file bytes read but not yet shown on the bar
+    waiting = 0  # characters in `texts`
 
     def flush() -> None:
         for (split, i, last), ids in zip(pieces, tokenizer.encode_batch(texts), strict=True):
             tokens = np.array(ids + [tokenizer.eos_id] if last else ids, dtype=np.int64)
             writers[split].write(tokens)
             stats[i]["tokens"] += len(tokens)
-        bar.update(unreported[1])
         pieces.clear()
         texts.clear()
-        unreported[:] = [0, 0]
 
-    for i, ((_, source_split), input_files) in enumerate(zip(sources, files, strict=True)):
-        for file in input_files:
-            read = 0
-            for text, pos in _read_file(file):
-                unreported[1] += pos - read
-                read = pos
-                if not text:
-                    continue  # an empty document would add nothing but a lone EOS
-                data = text.encode()
-                split = source_split
-                if split_by_content:
-                    split = "val" if _in_val(data, val_fraction) else "train"
-                writers[split].documents += 1
-                writers[split].bytes += len(data)
-                stats[i]["documents"] += 1
-                stats[i]["bytes"] += len(data)
-                doc_pieces = _chunks(text) if chunked else [text]
-                for j, piece in enumerate(doc_pieces):
-                    pieces.append((split, i, j == len(doc_pieces) - 1))
-                    texts.append(piece)
-                    unreported[0] += len(piece)
-                    if unreported[0] >= BATCH_CHARS:
-                        flush()
+    for i, text in documents:
+        if not text:
+            continue  # an empty document would add nothing but a lone EOS
+        data = text.encode()
+        split = splits[i] or ("val" if _in_val(data, val_fraction) else "train")
+        writers[split].documents += 1
+        writers[split].bytes += len(data)
+        stats[i]["documents"] += 1
+        stats[i]["bytes"] += len(data)
+        doc_pieces = _chunks(text) if chunked else [text]
+        for j, piece in enumerate(doc_pieces):
+            pieces.append((split, i, j == len(doc_pieces) - 1))
+            texts.append(piece)
+            waiting += len(piece)
+            if waiting >= BATCH_CHARS:
+                flush()
+                waiting = 0
     flush()
 
 
-def build_shards(
-    inputs: Sequence[str | Path],
-    tokenizer: Tokenizer,
-    out_dir: str | Path,
-    *,
-    val_inputs: Sequence[str | Path] = (),
-    val_fraction: float = 0.0005,
-    shard_tokens: int = 100_000_000,
-    progress: bool = True,
-) -> dict:
-    """Tokenize `inputs` and `val_inputs` into shards in `out_dir` (replaced atomically); return the manifest.
-
-    Without `val_inputs`, each document goes to val with probability `val_fraction`, decided by its content.
-    Same inputs and tokenizer give byte-identical files. Tokenization runs on all cores in the Rust library;
-    set RAYON_NUM_THREADS before the first encode to use fewer.
-    """
+def _check_output(tokenizer: Tokenizer, out_dir: str | Path, val_fraction: float, shard_tokens: int) -> Path:
+    """Fail before any work on arguments that would fail the build; return out_dir resolved."""
     if tokenizer.eos_id is None:
         raise UserError(f"the tokenizer has no end-of-document token (none of {', '.join(EOS_CANDIDATES)})")
     if not 0 <= val_fraction < 1:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise UserError(f"shard_tokens must be positive, got {shard_tokens}")
-    if not inputs:
-        raise UserError("no corpus inputs given")
     out_dir = Path(out_dir).resolve()  # so that `.parent` and `.name` are real, even for "."
     # Replacing a folder means deleting it: only ever delete one that we built.
     if out_dir.exists() and (
         not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file())
     ):
         raise UserError(f"{out_dir}: exists and is not a shard folder (no manifest.json); not replacing it")
-    sources = [(Path(p), "train") for p in inputs] + [(Path(p), "val") for p in val_inputs]
-    files = [_input_files(path) for path, _ in sources]  # fails fast on a missing input
+    return out_dir
+
+
+def write_shards(
+    documents: Iterable[tuple[int, str]],
+    inputs: Sequence[dict],
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    *,
+    val_inputs: Sequence[dict] = (),
+    val_fraction: float = 0.0005,
+    shard_tokens: int = 100_000_000,
+    finish: Callable[[Path, dict], None] | None = None,
+) -> dict:
+    """Tokenize (input index, text) documents into shards in `out_dir` (replaced atomically); return the manifest.
+
+    `inputs` and `val_inputs` are the manifest's records of where documents came from (e.g. {"path", "sha256"});
+    index i counts towards inputs[i], or val_inputs[i - len(inputs)], whose documents all go to val. Without
+    `val_inputs`, each document goes to val with probability `val_fraction`, decided by its content.
+    `finish(folder, manifest)` may add files to the folder before it replaces `out_dir`.
+    """
+    out_dir = _check_output(tokenizer, out_dir, val_fraction, shard_tokens)
+    names = ", ".join(str(r["path"]) for r in [*inputs, *val_inputs])
     dtype = np.dtype("<u2" if tokenizer.vocab_size <= 2**16 else "<u4")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -257,24 +293,17 @@ def build_shards(
     tmp.mkdir()
     try:
         writers = {split: _ShardWriter(tmp, split, dtype, shard_tokens) for split in ("train", "val")}
-        stats = [
-            {"path": str(path), "sha256": _input_sha256(path), "documents": 0, "tokens": 0, "bytes": 0}
-            for path, _ in sources
-        ]
-        total = sum(f.stat().st_size for fs in files for f in fs)
-        if total == 0:  # before the progress bar, so the error stays the only line printed
-            raise UserError(f"no documents in {', '.join(str(p) for p in [*inputs, *val_inputs])}: the corpus is empty")
-        with tqdm(total=total, unit="B", unit_scale=True, disable=not progress) as bar:
-            split_by_content = not val_inputs
-            _tokenize_into(sources, files, tokenizer, writers, stats, bar, split_by_content, val_fraction)
+        stats = [{**r, "documents": 0, "tokens": 0, "bytes": 0} for r in [*inputs, *val_inputs]]
+        splits = [None if not val_inputs else "train"] * len(inputs) + ["val"] * len(val_inputs)
+        _tokenize_into(documents, splits, tokenizer, writers, stats, val_fraction)
         for w in writers.values():
             w.close()
         if writers["train"].documents + writers["val"].documents == 0:
-            raise UserError(f"no documents in {', '.join(str(p) for p in [*inputs, *val_inputs])}: the corpus is empty")
+            raise UserError(f"no documents in {names}: the corpus is empty")
         if writers["train"].tokens == 0:
-            raise UserError(f"train split empty: every document of {', '.join(map(str, inputs))} is val")
+            raise UserError(f"train split empty: every document of {', '.join(str(r['path']) for r in inputs)} is val")
         if writers["val"].tokens == 0 and (val_inputs or val_fraction > 0):
-            warnings.warn(f"{out_dir}: empty val split; pass val_inputs or more documents", stacklevel=2)
+            warnings.warn(f"{out_dir}: empty val split; pass val_inputs or more documents", stacklevel=3)
         manifest = {
             "format_version": FORMAT_VERSION,
             "dtype": dtype.name,
@@ -287,6 +316,8 @@ def build_shards(
             "splits": {split: w.summary() for split, w in writers.items()},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if finish is not None:
+            finish(tmp, manifest)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             out_dir.rename(old / "shards")
@@ -298,6 +329,52 @@ def build_shards(
         if tmp.exists():
             shutil.rmtree(tmp)
     return manifest
+
+
+def build_shards(
+    inputs: Sequence[str | Path],
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    *,
+    val_inputs: Sequence[str | Path] = (),
+    val_fraction: float = 0.0005,
+    shard_tokens: int = 100_000_000,
+    progress: bool = True,
+) -> dict:
+    """Tokenize the files of `inputs` and `val_inputs` into shards in `out_dir`; see `write_shards`.
+
+    Same inputs and tokenizer give byte-identical files. Tokenization runs on all cores in the Rust library;
+    set RAYON_NUM_THREADS before the first encode to use fewer.
+    """
+    _check_output(tokenizer, out_dir, val_fraction, shard_tokens)
+    if not inputs:
+        raise UserError("no corpus inputs given")
+    paths = [Path(p) for p in [*inputs, *val_inputs]]
+    files = [_input_files(path) for path in paths]  # fails fast on a missing input
+    total = sum(f.stat().st_size for fs in files for f in fs)
+    if total == 0:  # before the progress bar, so the error stays the only line printed
+        raise UserError(f"no documents in {', '.join(map(str, paths))}: the corpus is empty")
+    records = [{"path": str(path), "sha256": _input_sha256(path)} for path in paths]
+
+    def documents(bar: tqdm) -> Iterator[tuple[int, str]]:
+        for i, input_files in enumerate(files):
+            for file in input_files:
+                read = 0
+                for text, pos in _read_file(file):
+                    bar.update(pos - read)  # counts bytes read, a batch of documents ahead of the tokenizer
+                    read = pos
+                    yield i, text
+
+    with tqdm(total=total, unit="B", unit_scale=True, disable=not progress) as bar:
+        return write_shards(
+            documents(bar),
+            records[: len(inputs)],
+            tokenizer,
+            out_dir,
+            val_inputs=records[len(inputs) :],
+            val_fraction=val_fraction,
+            shard_tokens=shard_tokens,
+        )
 
 
 def load_manifest(shard_dir: str | Path) -> dict:

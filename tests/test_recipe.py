@@ -1,0 +1,176 @@
+"""Tests for nomoat/data/recipe.py: a two-source recipe with planted duplicates, an eval leak and mixture weights."""
+
+import gzip
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import tomli_w
+import zstandard
+
+from nomoat.cli import main
+from nomoat.data import load_manifest
+from nomoat.data.build import read_records
+from nomoat.data.recipe import build_corpus, load_recipe
+from nomoat.errors import UserError
+from nomoat.tokenizer import train_tokenizer
+
+SHAKESPEARE = Path(__file__).parents[1] / "nomoat/assets/tinyshakespeare.txt"
+WORDS = SHAKESPEARE.read_text()[:200_000].split()
+# 150-word documents, ten words a line: long enough for Gopher's rules, without repeated speaker-name lines.
+CHUNKS = [
+    "\n".join(" ".join(WORDS[k + j : k + j + 10]) for j in range(0, 150, 10)) + "\n" for k in range(0, 150 * 60, 150)
+]
+GUTENBERG = {"pile_set_name": "Gutenberg (PG-19)"}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Sources: plays/ (20 chunks, an exact and a near copy of its own, a short doc) and pile.jsonl.zst (20
+    Gutenberg chunks, one a copy of a play, one leaking an eval passage, and 5 Pile-CC docs to filter out)."""
+    root = tmp_path_factory.mktemp("recipe")
+    train_tokenizer([SHAKESPEARE.read_text()[:100_000]], vocab_size=300).save(root / "tokenizer.json")
+    plays = root / "plays"
+    plays.mkdir()
+    for i in range(20):
+        (plays / f"{i:02d}.txt").write_text(CHUNKS[i])
+    (plays / "z_exact.txt").write_text("  " + CHUNKS[0].upper().replace("\n", " \n "))
+    words = CHUNKS[1].split(" ")
+    words[70] = "zounds"
+    (plays / "z_near.txt").write_text(" ".join(words))
+    (plays / "z_short.txt").write_text("Too short to be a document.\n")
+    records = [{"text": c, "meta": GUTENBERG} for c in CHUNKS[20:39]]
+    records += [{"text": CHUNKS[2], "meta": GUTENBERG}, {"text": CHUNKS[39], "meta": GUTENBERG}]
+    records += [{"text": c, "meta": {"pile_set_name": "Pile-CC"}} for c in CHUNKS[40:45]]
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    (root / "pile.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    leak = " ".join(CHUNKS[39].split()[40:60])
+    (root / "eval.jsonl").write_text(json.dumps({"text": leak}) + "\n" + json.dumps({"text": CHUNKS[50]}) + "\n")
+    return root
+
+
+def write_recipe(root: Path, name: str = "recipe.toml", weights: tuple[float, float] = (1, 1), **sections) -> Path:
+    recipe = {
+        "corpus": {"tokenizer": "tokenizer.json", "val_fraction": 0.0, "seed": 0},
+        "decontaminate": {"eval_files": ["eval.jsonl"], "n": 13},
+        "source": [
+            {"name": "plays", "path": "plays", "weight": weights[0], "license": "public domain"},
+            {
+                "name": "pile",
+                "path": "pile*.jsonl.zst",
+                "meta_filter": {"meta.pile_set_name": "Gutenberg (PG-19)"},
+                "weight": weights[1],
+                "url": "https://pile.eleuther.ai",
+            },
+        ],
+    } | sections
+    path = root / name
+    path.write_text(tomli_w.dumps(recipe))
+    return path
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def built(root: Path) -> Path:
+    build_corpus(write_recipe(root), root / "out", progress=False)
+    return root / "out"
+
+
+def test_datasheet_counts_every_drop(built: Path) -> None:
+    sheet = json.loads((built / "datasheet.json").read_text())
+    plays, pile = sheet["sources"]
+    assert plays["documents_in"] == 23 and pile["documents_in"] == 26
+    assert plays["filter_drops"] == {"min_words": 1}
+    assert plays["exact_duplicates"] == 1 and plays["near_duplicates"] == 1
+    assert pile["exact_duplicates"] == 1  # a copy of a play: the earlier source keeps it
+    assert pile["meta_filtered"] == 5
+    assert pile["contaminated"] == 1 and list(pile["contaminated_by"]) == [f"{built.parent / 'eval.jsonl'}:1"]
+    assert plays["unique_documents_out"] == plays["documents_out"] == 20
+    assert pile["documents_out"] == 19
+    assert plays["license"] == "public domain" and pile["url"] == "https://pile.eleuther.ai"
+    assert [f["path"] for f in pile["files"]] == ["pile.jsonl.zst"] and len(plays["files"]) == 23
+    m = load_manifest(built)
+    assert [i["tokens"] for i in m["inputs"]] == [plays["tokens_out"], pile["tokens_out"]]
+    assert m["splits"]["train"]["tokens"] == plays["tokens_out"] + pile["tokens_out"]
+    md = (built / "datasheet.md").read_text()
+    assert "| plays |" in md and "exact_duplicates 1" in md and "eval.jsonl:1 (1)" in md
+    assert (built / "mixture.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_is_byte_identical(root: Path, built: Path) -> None:
+    build_corpus(write_recipe(root), root / "again", progress=False)
+    assert file_hashes(root / "again") == file_hashes(built)
+
+
+def test_weights_repeat_documents(root: Path, built: Path) -> None:
+    sheet = build_corpus(write_recipe(root, "w.toml", weights=(2, 0.5)), root / "weighted", progress=False)
+    base = json.loads((built / "datasheet.json").read_text())["sources"]
+    plays, pile = sheet["sources"]
+    assert plays["tokens_out"] == 2 * base[0]["tokens_out"] and plays["documents_out"] == 40
+    assert 0.2 * base[1]["tokens_out"] < pile["tokens_out"] < 0.8 * base[1]["tokens_out"]
+    assert pile["unique_documents_out"] == 19 and pile["documents_out"] < 19
+
+
+def test_clean_options_and_false_for_none(root: Path) -> None:
+    clean = {"max_dup_line_fraction": False, "mean_word_length": [2, 12], "max_top_ngram": [[2, 0.3]]}
+    recipe = load_recipe(write_recipe(root, "opts.toml", clean=clean | {"strip_gutenberg": True}))
+    assert recipe.clean.max_dup_line_fraction is None and recipe.strip_gutenberg
+    assert recipe.clean.mean_word_length == (2.0, 12.0) and recipe.clean.max_top_ngram == ((2, 0.3),)
+    assert (
+        recipe.dedup is not None
+        and load_recipe(write_recipe(root, "opts.toml", dedup={"enabled": False})).dedup is None
+    )
+
+
+def test_recipe_errors(root: Path) -> None:
+    with pytest.raises(UserError, match="did you mean 'clean.min_words'"):
+        load_recipe(write_recipe(root, "bad.toml", clean={"min_word": 10}))
+    with pytest.raises(UserError, match="did you mean 'source'"):
+        load_recipe(write_recipe(root, "bad.toml", sources=[]))
+    with pytest.raises(UserError, match=r"\[corpus\] needs tokenizer"):
+        load_recipe(write_recipe(root, "bad.toml", corpus={"seed": 1}))
+    with pytest.raises(UserError, match="weight must be > 0"):
+        load_recipe(write_recipe(root, "bad.toml", weights=(1, 0)))
+    with pytest.raises(UserError, match="'csv' is not one of"):
+        load_recipe(write_recipe(root, "bad.toml", source=[{"name": "a", "path": "x", "format": "csv"}]))
+    with pytest.raises(UserError, match=r"\[source\] needs path"):
+        load_recipe(write_recipe(root, "bad.toml", source=[{"name": "a"}]))
+    with pytest.raises(UserError, match="mean_word_length: expected an array of 2 items"):
+        load_recipe(write_recipe(root, "bad.toml", clean={"mean_word_length": [3]}))
+    with pytest.raises(UserError, match="no such file or folder"):
+        build_corpus(write_recipe(root, "bad.toml", source=[{"name": "a", "path": "nope"}]), root / "o", progress=False)
+    with pytest.raises(UserError, match="matches no corpus files"):
+        build_corpus(
+            write_recipe(root, "bad.toml", source=[{"name": "a", "path": "*.nope"}]), root / "o", progress=False
+        )
+    with pytest.raises(UserError, match="no document survives.*plays: 23 documents in, dropped: min_words 23"):
+        build_corpus(write_recipe(root, "bad.toml", clean={"min_words": 5000}), root / "o", progress=False)
+    assert not (root / "o").exists()
+
+
+def test_parquet_needs_pyarrow(root: Path) -> None:
+    if importlib.util.find_spec("pyarrow") is not None:
+        pytest.skip("pyarrow is installed")
+    (root / "a.parquet").write_bytes(b"PAR1")
+    with pytest.raises(UserError, match="pip install pyarrow"):
+        list(read_records(root / "a.parquet"))
+
+
+def test_jsonl_gz_and_text_field(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"body": "hello", "id": 1}\n'))
+    assert [r for r, _ in read_records(path, text_field="body")] == [{"body": "hello", "id": 1}]
+    with pytest.raises(UserError, match='a.jsonl.gz:1: expected an object with a string "text"'):
+        list(read_records(path))
+
+
+def test_cli_bad_recipe_is_one_line(root: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = write_recipe(root, "bad.toml", corpus={"tokenizer": "tokenizer.json", "sed": 1})
+    assert main(["data", "build", str(recipe), "--out", str(root / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "did you mean 'corpus.seed'" in err
