@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,11 @@ def save_checkpoint(
     manifest: dict[str, Any] | None = None,
     trainer: dict[str, Any] | None = None,
     keep_last: int = 0,
+    extra_files: Sequence[Path] = (),
 ) -> Path:
-    """Write run_dir/checkpoints/step_N atomically and keep only the newest keep_last (0 keeps all)."""
+    """Write run_dir/checkpoints/step_N atomically and keep only the newest keep_last (0 keeps all).
+
+    extra_files are copied in verbatim: the corpus datasheet, so that every checkpoint carries its lineage."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -61,6 +65,8 @@ def save_checkpoint(
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         if trainer is not None:
             torch.save(trainer, tmp / "trainer.pt")
+        for extra in extra_files:
+            shutil.copy(extra, tmp / extra.name)
         _fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
             shutil.rmtree(final)

@@ -184,6 +184,16 @@ def cmd_convert_to_hf(args: argparse.Namespace) -> None:
     print(f"wrote Hugging Face folder {out}", file=sys.stderr)
 
 
+def cmd_info(args: argparse.Namespace) -> None:
+    from nomoat.lineage import format_lineage, lineage
+
+    info = lineage(args.model)
+    if args.json:
+        _print_json(info)
+    else:
+        print(format_lineage(info))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from nomoat.demo import run_demo
 
@@ -259,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="folder to write")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights; default: as stored")
     p.set_defaults(func=cmd_convert_to_hf)
+
+    p = add("info", "a model's lineage: size, tokenizer, base model, data sources with licences and hashes")
+    p.add_argument("model", help="checkpoint folder, run folder or Hugging Face folder")
+    p.set_defaults(func=cmd_info)
 
     p = add("demo", "corpus -> tokenizer -> train -> eval -> sample on the bundled Shakespeare")
     p.add_argument("--out", default="runs/demo")

@@ -205,6 +205,8 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
 
     forward = torch.compile(model) if tc.compile else model
     manifest = train_set.manifest
+    datasheet = Path(cfg.data.shards) / "datasheet.json"  # written by a corpus recipe; travels with the model
+    extra_files = [datasheet] if datasheet.is_file() else []
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
 
     def save(step: int) -> Path:
@@ -214,7 +216,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
             "rng": torch.get_rng_state(),
             "loader": loader.state_dict(),
         }
-        return save_checkpoint(run_dir, step, model, cfg, tokenizer, manifest, trainer, tc.keep_last)
+        return save_checkpoint(run_dir, step, model, cfg, tokenizer, manifest, trainer, tc.keep_last, extra_files)
 
     def log(row: dict[str, Any]) -> None:
         with metrics_file.open("a") as f:

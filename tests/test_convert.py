@@ -15,6 +15,7 @@ from nomoat.checkpoint import load_checkpoint
 from nomoat.convert import config_from_hf, from_hf, load_hf, to_hf
 from nomoat.errors import UserError
 from nomoat.generate import generate_tokens
+from nomoat.lineage import lineage
 from nomoat.tokenizer import train_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -119,6 +120,7 @@ def test_round_trip_reproduces_every_tensor(hf_pair, tmp_path):
     _, hf, folder = hf_pair
     from_hf(folder, tmp_path / "nomoat")
     ckpt = load_checkpoint(tmp_path / "nomoat")
+    assert lineage(tmp_path / "nomoat")["base"] == hf.config.architectures[0]  # `nomoat info` names the origin
     to_hf(ckpt, tmp_path / "back")
     original, back = load_file(str(folder / "model.safetensors")), load_file(str(tmp_path / "back/model.safetensors"))
     assert set(back) <= set(original)

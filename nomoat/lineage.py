@@ -1,0 +1,98 @@
+"""A model's lineage: what it is, which tokenizer it reads, which text it was trained on, and what it came from.
+
+Read from the files a checkpoint carries (config.toml, tokenizer.json, manifest.json, datasheet.json and, for
+imported models, hf_config.json) without loading the weights. Not here: building the datasheet (data/recipe.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nomoat.checkpoint import resolve_checkpoint
+from nomoat.config import from_dict, read_toml
+from nomoat.model import Transformer
+from nomoat.tokenizer import Tokenizer
+
+
+def lineage(path: str | Path) -> dict[str, Any]:
+    """Everything a checkpoint records about its origin, as plain JSON-able values."""
+    if (Path(path) / "config.json").is_file() and not (Path(path) / "config.toml").is_file():
+        folder = Path(path)  # a Hugging Face folder: its lineage is the folder itself
+        hf = json.loads((folder / "config.json").read_text())
+        return {"path": str(folder), "model": {"architecture": hf.get("architectures", ["?"])[0]}, "base": str(folder)}
+    folder = resolve_checkpoint(path)
+    cfg = from_dict(read_toml(folder / "config.toml"), where=str(folder / "config.toml"))
+    with torch.device("meta"):  # parameter counts without allocating the weights
+        model = Transformer(cfg.model)
+    tok = Tokenizer.load(folder / "tokenizer.json")
+    out: dict[str, Any] = {
+        "path": str(folder),
+        "model": {
+            "parameters": model.num_params(),
+            "layers": cfg.model.n_layer,
+            "d_model": cfg.model.d_model,
+            "context": cfg.model.max_seq_len,
+            "vocab_size": cfg.model.vocab_size,
+        },
+        "tokenizer": {"vocab_size": tok.vocab_size, "sha256": tok.sha256},
+        "base": None,
+        "data": None,
+    }
+    if (folder / "hf_config.json").is_file():
+        hf = json.loads((folder / "hf_config.json").read_text())
+        out["base"] = hf.get("_name_or_path") or hf.get("architectures", ["Hugging Face checkpoint"])[0]
+    if (folder / "datasheet.json").is_file():
+        sheet = json.loads((folder / "datasheet.json").read_text())
+        out["data"] = [
+            {
+                "name": s["name"],
+                "license": s.get("license"),
+                "url": s.get("url"),
+                "tokens": s.get("tokens_out"),
+                "files": [{"path": f["path"], "sha256": f["sha256"]} for f in s.get("files", [])],
+            }
+            for s in sheet["sources"]
+        ]
+    elif (folder / "manifest.json").is_file():
+        manifest = json.loads((folder / "manifest.json").read_text())
+        inputs = manifest.get("inputs", []) + manifest.get("val_inputs", [])
+        out["data"] = [
+            {"name": Path(i["path"]).name, "license": None, "url": None, "tokens": i["tokens"],
+             "files": [{"path": i["path"], "sha256": i["sha256"]}]}
+            for i in inputs
+        ]  # fmt: skip
+    return out
+
+
+def format_lineage(info: dict[str, Any]) -> str:
+    """The lineage as a few readable lines for the terminal."""
+    lines = [f"model      {info['path']}"]
+    m = info["model"]
+    if "parameters" in m:
+        lines.append(
+            f"           {m['parameters']:,} parameters, {m['layers']} layers x {m['d_model']}, "
+            f"context {m['context']}, vocabulary {m['vocab_size']:,}"
+        )
+    else:
+        lines.append(f"           a Hugging Face {m['architecture']} folder")
+    if info.get("tokenizer"):
+        lines.append(
+            f"tokenizer  {info['tokenizer']['vocab_size']:,} tokens, sha256 {info['tokenizer']['sha256'][:16]}"
+        )
+    lines.append(f"base       {info['base'] or 'none: trained from scratch'}")
+    if not info.get("data"):
+        lines.append("data       not recorded")
+    for source in info.get("data") or []:
+        licence = source["license"] or "licence not recorded"
+        tokens = f"{source['tokens']:,} tokens" if source["tokens"] is not None else "tokens unknown"
+        lines.append(
+            f"data       {source['name']}: {tokens}, {licence}" + (f", {source['url']}" if source["url"] else "")
+        )
+        lines += [f"             {f['sha256'][:16]}  {f['path']}" for f in source["files"][:5]]
+        if len(source["files"]) > 5:
+            lines.append(f"             and {len(source['files']) - 5} more files")
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""Lineage: the corpus datasheet travels into every checkpoint, and `nomoat info` reports it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import tomli_w
+from conftest import SHAKESPEARE, tiny_run
+
+from nomoat.config import replace
+from nomoat.data.recipe import build_corpus
+from nomoat.lineage import format_lineage, lineage
+from nomoat.tokenizer import train_tokenizer
+from nomoat.train import train
+
+
+def test_datasheet_travels_into_checkpoints_and_info_reports_it(tmp_path: Path) -> None:
+    words = SHAKESPEARE.read_text()[:120_000].split()
+    (tmp_path / "plays").mkdir()
+    for i in range(30):  # 150-word documents, ten words a line, long enough for the quality rules
+        chunk = words[i * 150 : (i + 1) * 150]
+        (tmp_path / "plays" / f"{i:02d}.txt").write_text(
+            "\n".join(" ".join(chunk[j : j + 10]) for j in range(0, 150, 10))
+        )
+    train_tokenizer([SHAKESPEARE.read_text()[:100_000]], vocab_size=300).save(tmp_path / "tokenizer.json")
+    recipe = {
+        "corpus": {"tokenizer": "tokenizer.json", "val_fraction": 0.0},
+        "source": [{"name": "plays", "path": "plays", "license": "public domain", "url": "https://example.org/plays"}],
+    }
+    (tmp_path / "recipe.toml").write_text(tomli_w.dumps(recipe))
+    build_corpus(tmp_path / "recipe.toml", tmp_path / "shards", progress=False)
+
+    cfg = tiny_run((tmp_path / "shards", tmp_path / "tokenizer.json"), tmp_path / "run", steps=2, save_every=0)
+    result = train(replace(cfg, train={"eval_every": 0}), progress=False)
+    assert (result.checkpoint / "datasheet.json").is_file()
+
+    info = lineage(tmp_path / "run")
+    assert info["base"] is None and info["tokenizer"]["vocab_size"] == 300
+    [source] = info["data"]
+    assert source["name"] == "plays" and source["license"] == "public domain" and len(source["files"]) == 30
+    assert "data       plays:" in format_lineage(info) and "public domain" in format_lineage(info)
+
+    proc = subprocess.run([sys.executable, "-m", "nomoat.cli", "info", str(tmp_path / "run"), "--json"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert json.loads(proc.stdout.splitlines()[-1])["data"][0]["url"] == "https://example.org/plays"
