@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ def cmd_data_build(args: argparse.Namespace) -> None:
         val_inputs=args.val or (),
         val_fraction=args.val_fraction,
         progress=not args.json,
+        strict=args.strict,
     )
     splits = manifest["splits"]
     summary = {
@@ -72,7 +74,7 @@ def cmd_data_build_recipe(args: argparse.Namespace) -> None:
     if args.tokenizer or args.val:
         raise UserError("data build RECIPE.toml: the tokenizer and validation split are set in the recipe")
     start = time.perf_counter()
-    sheet = build_corpus(args.inputs[0], args.out, progress=not args.json)
+    sheet = build_corpus(args.inputs[0], args.out, progress=not args.json, strict=args.strict)
     splits = sheet["splits"]
     summary = {
         "out": args.out,
@@ -229,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--val", nargs="+", help="inputs that form the validation split")
     p.add_argument("--val-fraction", type=float, default=0.0005, help="share of documents held out")
+    p.add_argument("--strict", action="store_true", help="stop at a JSON line that does not parse, not skip it")
     p.set_defaults(func=cmd_data_build)
 
     p = add("train", "pretrain a model; config fields are overridable as --section.key value")
@@ -304,6 +307,8 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if not debug:  # library warnings read as one line each, like errors, without a source excerpt
+        warnings.formatwarning = lambda message, *args, **kwargs: f"nomoat: warning: {message}\n"
     try:
         rest, overrides = split_overrides(argv)
         args = build_parser().parse_args(rest)

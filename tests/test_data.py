@@ -85,15 +85,21 @@ def test_read_errors(tmp_path: Path) -> None:
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(UserError, match="x.csv: unknown corpus format"):
         list(read_documents(tmp_path / "x.csv"))
-    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n')
-    with pytest.raises(UserError, match=r"bad.jsonl:2: not a JSON line"):
-        list(read_documents(tmp_path / "bad.jsonl"))
+    (tmp_path / "nul.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\0\0"}\n')
+    with pytest.raises(UserError, match=r"nul.jsonl:2: binary data \(a NUL byte\)"):
+        list(read_documents(tmp_path / "nul.jsonl"))
+    (tmp_path / "gz.jsonl").write_bytes(b'{"text": "ok"}\n\x1f\x8b\x08\xff\xfe\n')
+    with pytest.raises(UserError, match=r"gz.jsonl:2: binary data \(not UTF-8\)"):
+        list(read_documents(tmp_path / "gz.jsonl"))
     (tmp_path / "notext.jsonl").write_text('{"text": "ok"}\n\n{"body": "x"}\n')
     with pytest.raises(UserError, match=r'notext.jsonl:3: expected an object with a string "text"'):
         list(read_documents(tmp_path / "notext.jsonl"))
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     with pytest.raises(UserError, match="latin1.txt: not UTF-8"):
         list(read_documents(tmp_path / "latin1.txt"))
+    (tmp_path / "nul.txt").write_bytes(b"ab\0c")
+    with pytest.raises(UserError, match=r"nul.txt: binary data \(a NUL byte at offset 2\)"):
+        list(read_documents(tmp_path / "nul.txt"))
 
 
 # --- building ----------------------------------------------------------------------------------------------
@@ -126,6 +132,15 @@ def test_build_single_txt_matches_whole_encoding(tok: Tokenizer, tmp_path: Path,
     assert len(m["splits"]["train"]["shards"]) > 2
     stream = ShardSet(tmp_path / "o", "train").read(0, m["splits"]["train"]["tokens"])
     assert stream.tolist() == tok.encode(TEXT) + [tok.eos_id]
+
+
+def test_batching_does_not_change_shards(tok: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Batches encode in a worker thread while the next is read: the output must not depend on where they cut.
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    build_shards([jsonl], tok, tmp_path / "whole", val_fraction=0.1, shard_tokens=3000, progress=False)
+    monkeypatch.setattr(build, "BATCH_CHARS", 3000)
+    build_shards([jsonl], tok, tmp_path / "batched", val_fraction=0.1, shard_tokens=3000, progress=False)
+    assert file_hashes(tmp_path / "whole") == file_hashes(tmp_path / "batched")
 
 
 def test_build_is_byte_identical(tok: Tokenizer, tmp_path: Path) -> None:
@@ -185,6 +200,32 @@ def test_uint32_for_large_vocab(tmp_path: Path) -> None:
     m = build_shards([tmp_path / "a.txt"], Tokenizer(hf), tmp_path / "out", val_fraction=0, progress=False)
     assert m["dtype"] == "uint32"
     assert ShardSet(tmp_path / "out", "train").read(0, 5).tolist() == [69999, 2, 65536, 1, 0]
+
+
+def test_bad_json_lines_are_skipped_and_counted_unless_strict(
+    tok: Tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    good = write_jsonl(tmp_path / "good.jsonl", DOCS[:3])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text().replace("\n", '\n{"text": oops}\n', 1))
+    with pytest.raises(UserError, match=r"bad.jsonl:2: not a JSON line"):
+        build_shards([bad], tok, tmp_path / "strict", val_fraction=0, progress=False, strict=True)
+    assert not (tmp_path / "strict").exists()
+
+    m = build_shards([bad], tok, tmp_path / "out", val_fraction=0, progress=False)
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert warning.startswith(f"warning: {bad}:2: not a JSON line (") and warning.endswith("; skipped")
+    assert m["inputs"][0]["bad_lines"] == 1 and m["inputs"][0]["documents"] == 3
+    clean = build_shards([good], tok, tmp_path / "clean", val_fraction=0, progress=False)
+    assert clean["inputs"][0]["bad_lines"] == 0
+    assert (tmp_path / "out/train_000000.bin").read_bytes() == (tmp_path / "clean/train_000000.bin").read_bytes()
+
+    many = tmp_path / "many.jsonl"
+    many.write_text('{"text": "ok"}\n' + "nope\n" * 12)
+    assert build_shards([many], tok, tmp_path / "many", val_fraction=0, progress=False)["inputs"][0]["bad_lines"] == 12
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 11 and err[9].startswith(f"warning: {many}:11:")
+    assert err[10] == "warning: 2 more bad lines skipped, 12 in all"
 
 
 def test_build_errors(tok: Tokenizer, tmp_path: Path) -> None:

@@ -153,6 +153,19 @@ def test_recipe_errors(root: Path) -> None:
     assert not (root / "o").exists()
 
 
+def test_bad_json_lines_are_counted_unless_strict(root: Path, capsys: pytest.CaptureFixture) -> None:
+    lines = [json.dumps({"text": c}) for c in CHUNKS[45:48]]
+    (root / "broken.jsonl").write_text("\n".join([lines[0], '{"text": "cut off', *lines[1:]]) + "\n")
+    recipe = write_recipe(root, "broken.toml", source=[{"name": "broken", "path": "broken.jsonl", "weight": 1}])
+    with pytest.raises(UserError, match=r"broken.jsonl:2: not a JSON line"):
+        build_corpus(recipe, root / "broken_strict", progress=False, strict=True)
+    capsys.readouterr()
+    (source,) = build_corpus(recipe, root / "broken", progress=False)["sources"]
+    assert source["bad_lines"] == 1 and source["documents_out"] == 3
+    assert f"{root / 'broken.jsonl'}:2: not a JSON line" in capsys.readouterr().err
+    assert "did not parse, skipped: 1" in (root / "broken" / "datasheet.md").read_text()
+
+
 def test_parquet_needs_pyarrow(root: Path) -> None:
     if importlib.util.find_spec("pyarrow") is not None:
         pytest.skip("pyarrow is installed")

@@ -15,9 +15,11 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -72,10 +74,18 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[dict, int]]:
         raise UserError(f"{path}: not a readable parquet file ({e})") from e
 
 
-def read_records(path: Path, fmt: str | None = None, text_field: str = "text") -> Iterator[tuple[dict, int]]:
+def read_records(
+    path: Path,
+    fmt: str | None = None,
+    text_field: str = "text",
+    on_bad_line: Callable[[str], None] | None = None,
+) -> Iterator[tuple[dict, int]]:
     """Yield (record, bytes of the file read so far): a .txt is one record {text_field: whole file}, a JSON-lines
     or parquet file one per line or row, each with a string `text_field`. `fmt` is one of SUFFIXES without the
-    dot; None takes it from the file name. The byte count drives progress bars."""
+    dot; None takes it from the file name. The byte count drives progress bars.
+
+    A JSON line that does not parse is a UserError, or, given `on_bad_line`, is passed to it as "path:line:
+    reason" and skipped. A file with NUL bytes or bad UTF-8 is binary, not a corpus: always a UserError."""
     fmt = fmt or (_suffix(path) or "").lstrip(".")
     if fmt == "txt":
         data = path.read_bytes()
@@ -83,6 +93,8 @@ def read_records(path: Path, fmt: str | None = None, text_field: str = "text") -
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from e
+        if "\0" in text:
+            raise UserError(f"{path}: binary data (a NUL byte at offset {data.index(0)}), not a text file")
         yield {text_field: text}, len(data)
         return
     if fmt == "parquet":
@@ -100,9 +112,19 @@ def read_records(path: Path, fmt: str | None = None, text_field: str = "text") -
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise UserError(f"{path}:{lineno}: not a JSON line ({e})") from e
+                    # Decoding first skips json's encoding sniffing, and a binary file fails here, not as JSON.
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: binary data (not UTF-8), not a JSON-lines file") from e
+                if "\0" in text:
+                    raise UserError(f"{path}:{lineno}: binary data (a NUL byte), not a JSON-lines file")
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as e:
+                    if on_bad_line is None:
+                        raise UserError(f"{path}:{lineno}: not a JSON line ({e})") from e
+                    on_bad_line(f"{path}:{lineno}: not a JSON line ({e})")
+                    continue
                 yield _text_record(record, text_field, f"{path}:{lineno}"), raw.tell()
         except zstandard.ZstdError as e:
             raise UserError(f"{path}: corrupt zstd stream ({e})") from e
@@ -110,8 +132,24 @@ def read_records(path: Path, fmt: str | None = None, text_field: str = "text") -
             raise UserError(f"{path}: corrupt gzip stream ({e})") from e
 
 
-def _read_file(path: Path) -> Iterator[tuple[str, int]]:
-    for record, pos in read_records(path):
+class BadLineLog:
+    """Counts skipped JSON lines and warns about each of the first `shown` on stderr, then about the rest."""
+
+    def __init__(self, shown: int = 10):
+        self.shown, self.total = shown, 0
+
+    def __call__(self, message: str) -> None:
+        self.total += 1
+        if self.total <= self.shown:
+            print(f"warning: {message}; skipped", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.total > self.shown:
+            print(f"warning: {self.total - self.shown} more bad lines skipped, {self.total} in all", file=sys.stderr)
+
+
+def _read_file(path: Path, on_bad_line: Callable[[str], None] | None = None) -> Iterator[tuple[str, int]]:
+    for record, pos in read_records(path, on_bad_line=on_bad_line):
         yield record["text"], pos
 
 
@@ -160,7 +198,7 @@ def _chunking_is_exact(tokenizer: Tokenizer) -> bool:
 
 def _in_val(data: bytes, val_fraction: float) -> bool:
     # Content-based: a document's split does not depend on file order, and duplicates land together.
-    return int(hashlib.sha256(data).hexdigest(), 16) / 2**256 < val_fraction
+    return int.from_bytes(hashlib.sha256(data).digest(), "big") / 2**256 < val_fraction
 
 
 class _ShardWriter:
@@ -174,6 +212,7 @@ class _ShardWriter:
         self.documents = self.tokens = self.bytes = 0
 
     def write(self, ids: np.ndarray) -> None:
+        """Append `ids`, already of this writer's dtype."""
         while len(ids):
             if self.file is None:
                 name = f"{self.split}_{len(self.shards):06d}.bin"
@@ -181,7 +220,7 @@ class _ShardWriter:
                 self.shards.append({"file": name, "tokens": 0})
                 self.hash = hashlib.sha256()
             room = self.shard_tokens - self.shards[-1]["tokens"]
-            data = ids[:room].astype(self.dtype).tobytes()
+            data = ids[:room].tobytes()
             self.file.write(data)
             self.hash.update(data)
             self.shards[-1]["tokens"] += min(room, len(ids))
@@ -215,38 +254,58 @@ def _tokenize_into(
 ) -> None:
     """Encode every document in batches of pieces and append its tokens plus EOS to its split's writer.
 
-    A document of input i goes to splits[i], or, where that is None, to the split its content hashes to."""
+    A document of input i goes to splits[i], or, where that is None, to the split its content hashes to.
+    One batch encodes in a worker thread (the Rust library releases the GIL) while this thread reads the next
+    and writes the previous, so reading and writing hide behind encoding; batches are written in order."""
     chunked = _chunking_is_exact(tokenizer)
+    eos = tokenizer.eos_id
     pieces: list[tuple[str, int, bool]] = []  # (split, input index, piece ends its document)
     texts: list[str] = []
     waiting = 0  # characters in `texts`
+    # The first batch's reading cannot hide behind an encode: start small so the worker starts soon.
+    budget = BATCH_CHARS // 16
 
-    def flush() -> None:
-        for (split, i, last), ids in zip(pieces, tokenizer.encode_batch(texts), strict=True):
-            tokens = np.array(ids + [tokenizer.eos_id] if last else ids, dtype=np.int64)
-            writers[split].write(tokens)
-            stats[i]["tokens"] += len(tokens)
-        pieces.clear()
-        texts.clear()
+    def write(batch: list[tuple[str, int, bool]], encoded: Future[list[list[int]]]) -> None:
+        flat: dict[str, list[int]] = {split: [] for split in writers}
+        for (split, i, last), ids in zip(batch, encoded.result(), strict=True):
+            if last:
+                ids.append(eos)
+            flat[split] += ids
+            stats[i]["tokens"] += len(ids)
+        for split, tokens in flat.items():
+            if tokens:  # one array and one write per split and batch, not per piece
+                writers[split].write(np.array(tokens, dtype=writers[split].dtype))
 
-    for i, text in documents:
-        if not text:
-            continue  # an empty document would add nothing but a lone EOS
-        data = text.encode()
-        split = splits[i] or ("val" if _in_val(data, val_fraction) else "train")
-        writers[split].documents += 1
-        writers[split].bytes += len(data)
-        stats[i]["documents"] += 1
-        stats[i]["bytes"] += len(data)
-        doc_pieces = _chunks(text) if chunked else [text]
-        for j, piece in enumerate(doc_pieces):
-            pieces.append((split, i, j == len(doc_pieces) - 1))
-            texts.append(piece)
-            waiting += len(piece)
-            if waiting >= BATCH_CHARS:
-                flush()
-                waiting = 0
-    flush()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: tuple[list, Future] | None = None
+
+        def flush() -> None:
+            nonlocal pending, pieces, texts
+            encoding = (pieces, pool.submit(tokenizer.encode_batch, texts))
+            pieces, texts = [], []
+            if pending is not None:
+                write(*pending)
+            pending = encoding
+
+        for i, text in documents:
+            if not text:
+                continue  # an empty document would add nothing but a lone EOS
+            data = text.encode()
+            split = splits[i] or ("val" if _in_val(data, val_fraction) else "train")
+            writers[split].documents += 1
+            writers[split].bytes += len(data)
+            stats[i]["documents"] += 1
+            stats[i]["bytes"] += len(data)
+            doc_pieces = _chunks(text) if chunked else [text]
+            for j, piece in enumerate(doc_pieces):
+                pieces.append((split, i, j == len(doc_pieces) - 1))
+                texts.append(piece)
+                waiting += len(piece)
+                if waiting >= budget:
+                    flush()
+                    waiting, budget = 0, min(2 * budget, BATCH_CHARS)
+        flush()
+        write(*pending)
 
 
 def _check_output(tokenizer: Tokenizer, out_dir: str | Path, val_fraction: float, shard_tokens: int) -> Path:
@@ -279,9 +338,10 @@ def write_shards(
 ) -> dict:
     """Tokenize (input index, text) documents into shards in `out_dir` (replaced atomically); return the manifest.
 
-    `inputs` and `val_inputs` are the manifest's records of where documents came from (e.g. {"path", "sha256"});
-    index i counts towards inputs[i], or val_inputs[i - len(inputs)], whose documents all go to val. Without
-    `val_inputs`, each document goes to val with probability `val_fraction`, decided by its content.
+    `inputs` and `val_inputs` are the manifest's records of where documents came from (e.g. {"path", "sha256"}),
+    read after the last document, so a reader may count into them as it goes (bad_lines). Index i counts towards
+    inputs[i], or val_inputs[i - len(inputs)], whose documents all go to val. Without `val_inputs`, each
+    document goes to val with probability `val_fraction`, decided by its content.
     `finish(folder, manifest)` may add files to the folder before it replaces `out_dir`.
     """
     out_dir = _check_output(tokenizer, out_dir, val_fraction, shard_tokens)
@@ -293,11 +353,13 @@ def write_shards(
     tmp.mkdir()
     try:
         writers = {split: _ShardWriter(tmp, split, dtype, shard_tokens) for split in ("train", "val")}
-        stats = [{**r, "documents": 0, "tokens": 0, "bytes": 0} for r in [*inputs, *val_inputs]]
+        stats = [{"documents": 0, "tokens": 0, "bytes": 0} for _ in [*inputs, *val_inputs]]
         splits = [None if not val_inputs else "train"] * len(inputs) + ["val"] * len(val_inputs)
         _tokenize_into(documents, splits, tokenizer, writers, stats, val_fraction)
         for w in writers.values():
             w.close()
+        # The records are read only now: a reader may have counted into them (bad_lines) as it went.
+        stats = [{**r, **st} for r, st in zip([*inputs, *val_inputs], stats, strict=True)]
         if writers["train"].documents + writers["val"].documents == 0:
             raise UserError(f"no documents in {names}: the corpus is empty")
         if writers["train"].tokens == 0:
@@ -340,11 +402,13 @@ def build_shards(
     val_fraction: float = 0.0005,
     shard_tokens: int = 100_000_000,
     progress: bool = True,
+    strict: bool = False,
 ) -> dict:
     """Tokenize the files of `inputs` and `val_inputs` into shards in `out_dir`; see `write_shards`.
 
     Same inputs and tokenizer give byte-identical files. Tokenization runs on all cores in the Rust library;
-    set RAYON_NUM_THREADS before the first encode to use fewer.
+    set RAYON_NUM_THREADS before the first encode to use fewer. A JSON line that does not parse is skipped with
+    a warning and counted in its input's `bad_lines`, or, with `strict`, stops the build.
     """
     _check_output(tokenizer, out_dir, val_fraction, shard_tokens)
     if not inputs:
@@ -354,27 +418,36 @@ def build_shards(
     total = sum(f.stat().st_size for fs in files for f in fs)
     if total == 0:  # before the progress bar, so the error stays the only line printed
         raise UserError(f"no documents in {', '.join(map(str, paths))}: the corpus is empty")
-    records = [{"path": str(path), "sha256": _input_sha256(path)} for path in paths]
+    records = [{"path": str(path), "sha256": _input_sha256(path), "bad_lines": 0} for path in paths]
+    log = BadLineLog()
 
     def documents(bar: tqdm) -> Iterator[tuple[int, str]]:
         for i, input_files in enumerate(files):
+
+            def skip(message: str, record: dict = records[i]) -> None:
+                record["bad_lines"] += 1
+                log(message)
+
             for file in input_files:
                 read = 0
-                for text, pos in _read_file(file):
+                for text, pos in _read_file(file, None if strict else skip):
                     bar.update(pos - read)  # counts bytes read, a batch of documents ahead of the tokenizer
                     read = pos
                     yield i, text
 
-    with tqdm(total=total, unit="B", unit_scale=True, disable=not progress) as bar:
-        return write_shards(
-            documents(bar),
-            records[: len(inputs)],
-            tokenizer,
-            out_dir,
-            val_inputs=records[len(inputs) :],
-            val_fraction=val_fraction,
-            shard_tokens=shard_tokens,
-        )
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, disable=not progress) as bar:
+            return write_shards(
+                documents(bar),
+                records[: len(inputs)],
+                tokenizer,
+                out_dir,
+                val_inputs=records[len(inputs) :],
+                val_fraction=val_fraction,
+                shard_tokens=shard_tokens,
+            )
+    finally:
+        log.close()
 
 
 def load_manifest(shard_dir: str | Path) -> dict:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from tqdm import tqdm
 
 from nomoat.config import _check_value, _unknown, read_toml
-from nomoat.data.build import _input_files, _input_sha256, read_records, write_shards
+from nomoat.data.build import BadLineLog, _input_files, _input_sha256, read_records, write_shards
 from nomoat.data.clean import FilterConfig, check, normalize, strip_gutenberg
 from nomoat.data.decontaminate import Decontaminator, load_eval_files
 from nomoat.data.dedup import DedupConfig, Deduplicator
@@ -198,6 +198,7 @@ def _new_report(source: Source, files: list[Path], root: Path) -> dict:
         "weight": source.weight,
         "files": [{"path": os.path.relpath(f, root), "sha256": _input_sha256(f)} for f in files],
         "documents_in": 0,
+        "bad_lines": 0,
         "bytes_in": 0,
         "meta_filtered": 0,
         "filter_drops": Counter(),
@@ -209,12 +210,14 @@ def _new_report(source: Source, files: list[Path], root: Path) -> dict:
     }
 
 
-def build_corpus(recipe_path: str | Path, out_dir: str | Path, progress: bool = True) -> dict:
+def build_corpus(recipe_path: str | Path, out_dir: str | Path, progress: bool = True, strict: bool = False) -> dict:
     """Build a recipe into shards, manifest.json, datasheet.json, datasheet.md and mixture.png in `out_dir`.
 
     Sources stream in recipe order through meta_filter, normalize (+ strip_gutenberg), the quality filter, one
     exact + near Deduplicator across all sources (so an earlier source wins a duplicate), decontamination, then
-    repetition by weight. Same recipe and inputs give byte-identical files. Returns the datasheet.
+    repetition by weight. Same recipe and inputs give byte-identical files. Returns the datasheet. A JSON line
+    that does not parse is skipped with a warning and counted in its source's `bad_lines`, or, with `strict`,
+    stops the build.
     """
     recipe = load_recipe(recipe_path)
     tokenizer = Tokenizer.load(recipe.resolve(recipe.corpus.tokenizer))
@@ -250,12 +253,21 @@ def build_corpus(recipe_path: str | Path, out_dir: str | Path, progress: bool = 
         report["unique_documents_out"] += len(batch)
         return batch
 
+    log = BadLineLog()
+    read_all = False  # so a reading error is not mistaken for an empty result below
+
     def documents(bar: tqdm) -> Iterator[tuple[int, str]]:
+        nonlocal read_all
         for i, source in enumerate(recipe.sources):
             report, batch = reports[i], []
+
+            def skip(message: str, report: dict = report) -> None:
+                report["bad_lines"] += 1
+                log(message)
+
             for file in files[i]:
                 read = 0
-                for record, pos in read_records(file, source.format, source.text_field):
+                for record, pos in read_records(file, source.format, source.text_field, None if strict else skip):
                     bar.update(pos - read)
                     read = pos
                     text = record[source.text_field]
@@ -276,6 +288,7 @@ def build_corpus(recipe_path: str | Path, out_dir: str | Path, progress: bool = 
                         batch = []
             for kept in survivors(i, batch) if batch else []:
                 yield from [(i, kept)] * _copies(kept, source.weight, recipe.corpus.seed)
+        read_all = True
 
     records = [{"path": r["name"], "sha256": _combined_sha256(r["files"])} for r in reports]
     sheet: dict = {}
@@ -299,10 +312,12 @@ def build_corpus(recipe_path: str | Path, out_dir: str | Path, progress: bool = 
                 finish=finish,
             )
         except UserError:
-            if sum(r["unique_documents_out"] for r in reports) == 0:
+            if read_all and sum(r["unique_documents_out"] for r in reports) == 0:
                 drops = "; ".join(f"{r['name']}: {_drop_summary(r)}" for r in reports)
                 raise UserError(f"{recipe_path}: no document survives the recipe ({drops})") from None
             raise
+        finally:
+            log.close()
     return sheet
 
 
@@ -364,6 +379,8 @@ def _markdown(sheet: dict) -> str:
     for s in sheet["sources"]:
         lines += ["", f"## {s['name']}", "", f"- path: `{s['path']}`" + (f", from {s['url']}" if s["url"] else "")]
         lines.append(f"- dropped: {_drop_summary(s).partition('dropped: ')[2]}")
+        if s["bad_lines"]:
+            lines.append(f"- JSON lines that did not parse, skipped: {s['bad_lines']:,}")
         if s["contaminated_by"]:
             lines.append(f"- eval items matched: {', '.join(f'{k} ({v})' for k, v in s['contaminated_by'].items())}")
         lines.append(f"- {len(s['files'])} input files (sha256):")
