@@ -107,6 +107,21 @@ def test_rerun_is_byte_identical(root: Path, built: Path) -> None:
     assert file_hashes(root / "again") == file_hashes(built)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_worker_count_does_not_change_the_output(root: Path, built: Path, workers: int) -> None:
+    corpus = {"tokenizer": "tokenizer.json", "val_fraction": 0.0, "seed": 0, "workers": workers}
+    out = root / f"w{workers}"
+    build_corpus(write_recipe(root, f"w{workers}.toml", corpus=corpus), out, progress=False)
+    ours, reference = file_hashes(out), file_hashes(built)
+    sheets = [json.loads((d / "datasheet.json").read_text()) for d in (out, built)]
+    for sheet in sheets:
+        sheet.pop("recipe_sha256")  # the recipe files differ by their `workers` line, and nothing else may
+    assert sheets[0] == sheets[1]
+    for name in ("datasheet.json", "datasheet.md"):
+        ours.pop(name), reference.pop(name)
+    assert ours == reference
+
+
 def test_weights_repeat_documents(root: Path, built: Path) -> None:
     sheet = build_corpus(write_recipe(root, "w.toml", weights=(2, 0.5)), root / "weighted", progress=False)
     base = json.loads((built / "datasheet.json").read_text())["sources"]

@@ -8,13 +8,15 @@ or shuffling across sources (the loader samples windows at random).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
+import multiprocessing
 import os
 import typing
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +42,7 @@ class CorpusConfig:
     val_fraction: float = 0.0005
     seed: int = 0  # salts the hash that picks which documents a fractional weight repeats
     shard_tokens: int = 100_000_000
+    workers: int = 0  # processes that normalise and filter documents; 0: one per core. Output does not depend on it.
 
     def __post_init__(self) -> None:
         if not 0 <= self.val_fraction < 1:
@@ -265,6 +268,16 @@ def build_corpus(recipe_path: str | Path, out_dir: str | Path, progress: bool = 
                 report["bad_lines"] += 1
                 log(message)
 
+            def cleaned(raw: list[str], report: dict = report) -> list[str]:
+                """Normalise and filter in the worker processes; results come back in input order."""
+                out = []
+                for text, rule in pool_map(clean_one, raw):
+                    if rule:
+                        report["filter_drops"][rule] += 1
+                    else:
+                        out.append(text)
+                return out
+
             for file in files[i]:
                 read = 0
                 for record, pos in read_records(file, source.format, source.text_field, None if strict else skip):
@@ -276,17 +289,12 @@ def build_corpus(recipe_path: str | Path, out_dir: str | Path, progress: bool = 
                     if any(_lookup(record, k) != v for k, v in source.meta_filter):
                         report["meta_filtered"] += 1
                         continue
-                    text = normalize(text)
-                    text = strip_gutenberg(text) if recipe.strip_gutenberg else text
-                    if rule := check(text, recipe.clean):
-                        report["filter_drops"][rule] += 1
-                        continue
                     batch.append(text)
                     if len(batch) == _DEDUP_BATCH:
-                        for kept in survivors(i, batch):
+                        for kept in survivors(i, cleaned(batch)):
                             yield from [(i, kept)] * _copies(kept, source.weight, recipe.corpus.seed)
                         batch = []
-            for kept in survivors(i, batch) if batch else []:
+            for kept in survivors(i, cleaned(batch)) if batch else []:
                 yield from [(i, kept)] * _copies(kept, source.weight, recipe.corpus.seed)
         read_all = True
 
@@ -300,6 +308,15 @@ def build_corpus(recipe_path: str | Path, out_dir: str | Path, progress: bool = 
         _plot_mixture(sheet, folder / "mixture.png")
 
     total = sum(f.stat().st_size for fs in files for f in fs)
+    clean_one = functools.partial(_clean_document, cfg=recipe.clean, gutenberg=recipe.strip_gutenberg)
+    workers = recipe.corpus.workers or os.cpu_count() or 1
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+
+    def pool_map(fn: Callable[[str], tuple[str, str | None]], texts: list[str]) -> list[tuple[str, str | None]]:
+        if pool is None:
+            return list(map(fn, texts))
+        return pool.map(fn, texts, chunksize=max(1, len(texts) // (4 * workers)))
+
     with tqdm(total=total, unit="B", unit_scale=True, disable=not progress) as bar:
         try:
             write_shards(
@@ -318,7 +335,16 @@ def build_corpus(recipe_path: str | Path, out_dir: str | Path, progress: bool = 
             raise
         finally:
             log.close()
+            if pool is not None:
+                pool.terminate()
     return sheet
+
+
+def _clean_document(text: str, cfg: FilterConfig, gutenberg: bool) -> tuple[str, str | None]:
+    """Normalised text and the first quality rule it fails (None: keep); runs in a worker process."""
+    text = normalize(text)
+    text = strip_gutenberg(text) if gutenberg else text
+    return text, check(text, cfg)
 
 
 def _combined_sha256(files: list[dict]) -> str:
