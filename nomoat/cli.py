@@ -74,7 +74,7 @@ def cmd_data_build_recipe(args: argparse.Namespace) -> None:
     if args.tokenizer or args.val:
         raise UserError("data build RECIPE.toml: the tokenizer and validation split are set in the recipe")
     start = time.perf_counter()
-    sheet = build_corpus(args.inputs[0], args.out, progress=not args.json, strict=args.strict)
+    sheet = build_corpus(args.inputs[0], args.out, progress=not args.json, strict=args.strict, force=args.force)
     splits = sheet["splits"]
     summary = {
         "out": args.out,
@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", nargs="+", help="inputs that form the validation split")
     p.add_argument("--val-fraction", type=float, default=0.0005, help="share of documents held out")
     p.add_argument("--strict", action="store_true", help="stop at a JSON line that does not parse, not skip it")
+    p.add_argument("--force", action="store_true", help="rebuild a recipe even when its inputs are unchanged")
     p.set_defaults(func=cmd_data_build)
 
     p = add("train", "pretrain a model; config fields are overridable as --section.key value")

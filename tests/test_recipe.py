@@ -115,7 +115,7 @@ def test_worker_count_does_not_change_the_output(root: Path, built: Path, worker
     ours, reference = file_hashes(out), file_hashes(built)
     sheets = [json.loads((d / "datasheet.json").read_text()) for d in (out, built)]
     for sheet in sheets:
-        sheet.pop("recipe_sha256")  # the recipe files differ by their `workers` line, and nothing else may
+        sheet.pop("recipe_sha256"), sheet.pop("fingerprint")  # the recipes differ by their `workers` line alone
     assert sheets[0] == sheets[1]
     for name in ("datasheet.json", "datasheet.md"):
         ours.pop(name), reference.pop(name)
@@ -202,3 +202,21 @@ def test_cli_bad_recipe_is_one_line(root: Path, capsys: pytest.CaptureFixture) -
     assert main(["data", "build", str(recipe), "--out", str(root / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "did you mean 'corpus.seed'" in err
+
+
+def test_rerun_skips_finished_work_until_an_input_changes(root: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(root, "skip.toml")
+    out = tmp_path / "out"
+    first = build_corpus(recipe, out, progress=False)
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    assert build_corpus(recipe, out, progress=False) == first
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp  # nothing was rewritten
+    build_corpus(recipe, out, progress=False, force=True)
+    assert (out / "manifest.json").stat().st_mtime_ns != stamp
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    (root / "eval.jsonl").write_text((root / "eval.jsonl").read_text() + json.dumps({"text": "new item"}) + "\n")
+    try:
+        build_corpus(recipe, out, progress=False)  # an eval file changed: the fingerprint differs
+        assert (out / "manifest.json").stat().st_mtime_ns != stamp
+    finally:
+        (root / "eval.jsonl").write_text("".join((root / "eval.jsonl").read_text().splitlines(keepends=True)[:-1]))

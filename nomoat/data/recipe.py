@@ -24,10 +24,11 @@ from typing import Any, Literal
 from tqdm import tqdm
 
 from nomoat.config import _check_value, _unknown, read_toml
-from nomoat.data.build import BadLineLog, _input_files, _input_sha256, read_records, write_shards
+from nomoat.data.build import BadLineLog, _input_files, _input_sha256, load_manifest, read_records, write_shards
 from nomoat.data.clean import FilterConfig, check, normalize, strip_gutenberg
 from nomoat.data.decontaminate import Decontaminator, load_eval_files
 from nomoat.data.dedup import DedupConfig, Deduplicator
+from nomoat.data.loader import ShardSet
 from nomoat.errors import UserError
 from nomoat.tokenizer import Tokenizer
 
@@ -213,14 +214,17 @@ def _new_report(source: Source, files: list[Path], root: Path) -> dict:
     }
 
 
-def build_corpus(recipe_path: str | Path, out_dir: str | Path, progress: bool = True, strict: bool = False) -> dict:
+def build_corpus(
+    recipe_path: str | Path, out_dir: str | Path, progress: bool = True, strict: bool = False, force: bool = False
+) -> dict:
     """Build a recipe into shards, manifest.json, datasheet.json, datasheet.md and mixture.png in `out_dir`.
 
     Sources stream in recipe order through meta_filter, normalize (+ strip_gutenberg), the quality filter, one
     exact + near Deduplicator across all sources (so an earlier source wins a duplicate), decontamination, then
     repetition by weight. Same recipe and inputs give byte-identical files. Returns the datasheet. A JSON line
     that does not parse is skipped with a warning and counted in its source's `bad_lines`, or, with `strict`,
-    stops the build.
+    stops the build. A rerun whose recipe, tokenizer and input bytes are unchanged returns the finished
+    datasheet without rebuilding, unless `force`.
     """
     recipe = load_recipe(recipe_path)
     tokenizer = Tokenizer.load(recipe.resolve(recipe.corpus.tokenizer))
@@ -232,6 +236,10 @@ def build_corpus(recipe_path: str | Path, out_dir: str | Path, progress: bool = 
         decon = Decontaminator(items, recipe.decontaminate.n)
     dedup = Deduplicator(recipe.dedup) if recipe.dedup is not None else None
     reports = [_new_report(s, fs, recipe.root) for s, fs in zip(recipe.sources, files, strict=True)]
+    eval_paths = [recipe.resolve(p) for p in recipe.decontaminate.eval_files] if recipe.decontaminate else []
+    fingerprint = _fingerprint(Path(recipe_path), tokenizer, reports, eval_paths)
+    if not force and (done := _finished(Path(out_dir), fingerprint)) is not None:
+        return done  # a rerun over the same recipe, tokenizer and input bytes would write the same files
 
     def survivors(i: int, batch: list[str]) -> list[str]:
         """Dedup then decontaminate one batch of cleaned documents of source i."""
@@ -299,10 +307,9 @@ def build_corpus(recipe_path: str | Path, out_dir: str | Path, progress: bool = 
         read_all = True
 
     records = [{"path": r["name"], "sha256": _combined_sha256(r["files"])} for r in reports]
-    sheet: dict = {}
 
     def finish(folder: Path, manifest: dict) -> None:
-        sheet.update(_datasheet(recipe, Path(recipe_path), reports, manifest))
+        sheet = _datasheet(recipe, Path(recipe_path), reports, manifest, fingerprint)
         (folder / "datasheet.json").write_text(json.dumps(sheet, indent=2, sort_keys=True) + "\n")
         (folder / "datasheet.md").write_text(_markdown(sheet))
         _plot_mixture(sheet, folder / "mixture.png")
@@ -337,7 +344,7 @@ def build_corpus(recipe_path: str | Path, out_dir: str | Path, progress: bool = 
             log.close()
             if pool is not None:
                 pool.terminate()
-    return sheet
+    return json.loads((Path(out_dir) / "datasheet.json").read_text())  # as a skipped rerun returns it
 
 
 def _clean_document(text: str, cfg: FilterConfig, gutenberg: bool) -> tuple[str, str | None]:
@@ -345,6 +352,31 @@ def _clean_document(text: str, cfg: FilterConfig, gutenberg: bool) -> tuple[str,
     text = normalize(text)
     text = strip_gutenberg(text) if gutenberg else text
     return text, check(text, cfg)
+
+
+def _fingerprint(recipe_path: Path, tokenizer: Tokenizer, reports: list[dict], eval_paths: list[Path]) -> str:
+    """Everything the output depends on, besides nomoat's own code: recipe, tokenizer and every input's bytes."""
+    h = hashlib.sha256(recipe_path.read_bytes())
+    h.update(tokenizer.sha256.encode())
+    for report in reports:
+        h.update(_combined_sha256(report["files"]).encode())
+    for path in eval_paths:
+        h.update(_input_sha256(path).encode())
+    return h.hexdigest()
+
+
+def _finished(out_dir: Path, fingerprint: str) -> dict | None:
+    """The datasheet of a complete earlier build with this fingerprint, or None if anything is off."""
+    try:
+        sheet = json.loads((out_dir / "datasheet.json").read_text())
+        if sheet.get("fingerprint") != fingerprint:
+            return None
+        for split in ("train", "val"):
+            if load_manifest(out_dir)["splits"][split]["tokens"]:
+                ShardSet(out_dir, split, verify=False)  # every shard present with its recorded size
+    except (OSError, ValueError, KeyError, UserError):
+        return None
+    return sheet
 
 
 def _combined_sha256(files: list[dict]) -> str:
@@ -362,7 +394,7 @@ def _drop_summary(report: dict) -> str:
     return f"{report['documents_in']} documents in, dropped: {shown or 'none'}"
 
 
-def _datasheet(recipe: Recipe, recipe_path: Path, reports: list[dict], manifest: dict) -> dict:
+def _datasheet(recipe: Recipe, recipe_path: Path, reports: list[dict], manifest: dict, fingerprint: str) -> dict:
     total_tokens = sum(s["tokens"] for s in manifest["inputs"]) or 1
     sources = []
     for report, out in zip(reports, manifest["inputs"], strict=True):
@@ -379,6 +411,7 @@ def _datasheet(recipe: Recipe, recipe_path: Path, reports: list[dict], manifest:
         )
     return {
         "recipe_sha256": hashlib.sha256(recipe_path.read_bytes()).hexdigest(),
+        "fingerprint": fingerprint,
         "tokenizer_sha256": manifest["tokenizer_sha256"],
         "clean": dataclasses.asdict(recipe.clean) | {"strip_gutenberg": recipe.strip_gutenberg},
         "dedup": None if recipe.dedup is None else dataclasses.asdict(recipe.dedup),
