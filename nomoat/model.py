@@ -22,6 +22,8 @@ class KVCache:
     Attention reads a layer's whole buffer under a mask rather than a slice up to the current position, so a
     one-token step has the same shapes at every position and `torch.compile` traces it once. Each layer has its
     own buffers because a compiled in-place write through a view of one stacked tensor copies all of it.
+    `pos` is 0-d when all rows move together, or (B,) when each row is its own sequence at its own position
+    (continuous batching in `serve/`, where rows join and leave between steps).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None) -> None:
@@ -34,10 +36,26 @@ class KVCache:
     def update(
         self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, K, T, D) at positions pos (T,); return the layer's whole buffers (B, K, max_len, D)."""
-        self.k[layer].index_copy_(2, pos, k)
-        self.v[layer].index_copy_(2, pos, v)
+        """Store k, v (B, K, T, D) at positions pos, (T,) or per row (B, T); return the layer's whole buffers
+        (B, K, max_len, D)."""
+        if pos.dim() == 1:
+            self.k[layer].index_copy_(2, pos, k)
+            self.v[layer].index_copy_(2, pos, v)
+        else:
+            index = pos[:, None, :, None].expand_as(k)  # (B, K, T, D)
+            self.k[layer].scatter_(2, index, k)
+            self.v[layer].scatter_(2, index, v)
         return self.k[layer], self.v[layer]
+
+    def narrow(self, rows: int, length: int) -> KVCache:
+        """The first rows and first length positions, sharing this cache's memory: a step over a few live rows
+        of a large cache then reads only those."""
+        view = KVCache.__new__(KVCache)
+        view.k = [k[:rows, :, :length] for k in self.k]
+        view.v = [v[:rows, :, :length] for v in self.v]
+        view.pos = self.pos if self.pos.dim() == 0 else self.pos[:rows]
+        view.max_len = length
+        return view
 
 
 def rope_tables(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,8 +129,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)  # (B, K, S, D), S = cache.max_len
             # Unwritten slots hold zeros and later tokens' slots are in the future: a query at position p sees
-            # only the keys at positions <= p.
-            mask = pos[:, None] >= torch.arange(k.size(2), device=x.device)  # (T, S)
+            # only the keys at positions <= p. With per-row positions each row has its own mask.
+            mask = pos[..., None] >= torch.arange(k.size(2), device=x.device)  # (T, S) or (B, T, S)
+            mask = mask.unsqueeze(-3)  # (1, T, S) or (B, 1, T, S): the same for every head
         if self.k != self.h:  # grouped-query attention: each key/value head serves H / K query heads
             k = k.repeat_interleave(self.h // self.k, dim=1)
             v = v.repeat_interleave(self.h // self.k, dim=1)
@@ -217,13 +236,13 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         pos = torch.arange(T, device=idx.device)  # (T,)
         if cache is not None:
-            pos = pos + cache.pos
+            pos = pos + cache.pos[..., None]  # (T,), or (B, T) with per-row positions
         x = self.embed_tokens(idx)  # (B, T, C)
         rope = None
         if self.cfg.pos_emb == "learned":
             x = x + self.embed_positions(pos)
         else:
-            rope = (self.rope_cos[pos], self.rope_sin[pos])
+            rope = (self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3))  # (1, T, R) or (B, 1, T, R)
         for layer in self.layers:
             x = layer(x, rope, cache, pos)
         if cache is not None:
