@@ -2,7 +2,8 @@
 
 A thin wrapper over the Rust `tokenizers` library, which does the real work (and the multithreading).
 Here too: `DecodeStream`, which turns token ids into text as they arrive during generation.
-Not here: chat templates and special-token formatting; encode never adds special tokens.
+Not here: rendering chat templates (chat.py; the template itself travels with the tokenizer) and
+special-token formatting; encode never adds special tokens.
 """
 
 from __future__ import annotations
@@ -45,16 +46,56 @@ def train_tokenizer(
     return Tokenizer(hf)
 
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def _token_text(token: object) -> str | None:
+    """A special token from tokenizer_config.json: a string, or an AddedToken dict with "content"."""
+    return token.get("content") if isinstance(token, dict) else token if isinstance(token, str) else None
+
+
+def _read_side_files(folder: Path) -> tuple[str | None, str | None, str | None]:
+    """(chat template, bos token, eos token) from the files transformers keeps next to tokenizer.json.
+
+    chat_template.jinja wins over tokenizer_config.json's chat_template, which is a string or a list of named
+    templates ({"name": ..., "template": ...}) of which "default" is the one used, as in transformers."""
+    config_file = folder / "tokenizer_config.json"
+    config: dict = {}
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{config_file}: not valid JSON ({e})") from None
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        template = (folder / CHAT_TEMPLATE_FILE).read_text()
+    template = template if isinstance(template, str) else None
+    return template, _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+
+
 class Tokenizer:
     """A Hugging Face tokenizer plus the one thing we need to know about it: which token ends a document."""
 
-    def __init__(self, hf: tokenizers.Tokenizer, eos_token: str | None = None):
+    def __init__(
+        self,
+        hf: tokenizers.Tokenizer,
+        eos_token: str | None = None,
+        chat_template: str | None = None,
+        bos_token: str | None = None,
+    ):
         self.hf = hf
         if eos_token is None:
             eos_token = next((t for t in EOS_CANDIDATES if hf.token_to_id(t) is not None), None)
         elif hf.token_to_id(eos_token) is None:
             raise UserError(f"eos token {eos_token!r} is not in the tokenizer's vocabulary")
         self.eos_token = eos_token
+        # The Jinja chat template of a Hugging Face tokenizer (chat.py renders it), and the bos_token it may print.
+        self.chat_template = chat_template
+        self.bos_token = bos_token
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -68,14 +109,20 @@ class Tokenizer:
         except Exception as e:  # the Rust side raises a bare Exception for any parse error
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"{path}: not a valid tokenizer.json ({reason})") from e
-        return cls(hf)
+        template, bos, eos = _read_side_files(path.parent)
+        # A chat model's eos is its end of turn (Llama 3's <|eot_id|>), named only in tokenizer_config.json.
+        eos = eos if eos is not None and hf.token_to_id(eos) is not None else None
+        return cls(hf, eos_token=eos, chat_template=template, bos_token=bos)
 
     def save(self, path: str | Path) -> None:
-        """Write tokenizer.json to `path` (a file path, or a folder to hold tokenizer.json)."""
+        """Write tokenizer.json to `path` (a file path, or a folder to hold tokenizer.json), and the chat
+        template beside it as chat_template.jinja, the file transformers reads."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         self.hf.save(str(path))
+        if self.chat_template is not None:
+            (path.parent / CHAT_TEMPLATE_FILE).write_text(self.chat_template)
 
     @property
     def vocab_size(self) -> int:

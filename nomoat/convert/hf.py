@@ -285,13 +285,8 @@ def load_hf(folder: str | Path, device: str | torch.device = "cpu") -> Checkpoin
 
 
 def _load_tokenizer(folder: Path) -> Tokenizer:
-    eos = None
-    side = folder / "tokenizer_config.json"
-    if side.is_file():
-        token = json.loads(side.read_text()).get("eos_token")
-        eos = token.get("content") if isinstance(token, dict) else token
-    tok = Tokenizer.load(folder / "tokenizer.json")
-    return Tokenizer(tok.hf, eos_token=eos) if eos and eos != tok.eos_token else tok
+    """tokenizer.json with its eos token, bos token and chat template from the side files (Tokenizer.load)."""
+    return Tokenizer.load(folder / "tokenizer.json")
 
 
 def from_hf(hf_dir: str | Path, out: str | Path) -> Path:
