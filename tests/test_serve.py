@@ -1,0 +1,326 @@
+"""The server against the official openai client, raw HTTP and schemathesis: a tiny random model on 127.0.0.1.
+
+Covers formats, stop/n/seed, errors (4xx in OpenAI's shape, never 5xx), continuous batching (32 concurrent greedy
+streams equal the same requests served alone), cancellation, the bounded queue and the API key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import openai
+import pytest
+import requests
+import schemathesis
+import torch
+import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nomoat.cli import main
+from nomoat.config import ModelConfig
+from nomoat.model import KVCache, Transformer
+from nomoat.serve.app import build_app
+from nomoat.tokenizer import Tokenizer
+
+CFG = ModelConfig(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_seq_len=96)
+NAME = "tiny"
+KEY = "sesame"
+
+
+@dataclass
+class Server:
+    url: str
+    app: object
+
+    def client(self, key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(shakespeare_shards) -> Tokenizer:
+    return Tokenizer.load(shakespeare_shards[1])
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(CFG).eval()
+
+
+class SlowModel(Transformer):
+    """A model whose every step takes 20 ms more, so that a request outlives a cancellation by a wide margin."""
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        time.sleep(0.02)
+        return super().forward(idx, cache)
+
+
+def start(app) -> Iterator[Server]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield Server(f"http://127.0.0.1:{sock.getsockname()[1]}", app)
+    server.should_exit = True
+    thread.join()
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer) -> Iterator[Server]:
+    yield from start(build_app(tiny_model(), tokenizer, NAME, max_batch=8, max_queue=64))
+
+
+@pytest.fixture(scope="module")
+def slow_server(tokenizer) -> Iterator[Server]:
+    torch.manual_seed(0)
+    model = SlowModel(CFG).eval()
+    yield from start(build_app(model, tokenizer, NAME, api_key=KEY, max_batch=1, max_queue=1))
+
+
+def complete(client: openai.OpenAI, prompt: str, **kwargs):
+    return client.completions.create(model=NAME, prompt=prompt, **kwargs)
+
+
+def test_completion_and_chat(server):
+    client = server.client()
+    r = complete(client, "ROMEO:", max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and r.model == NAME and len(r.choices) == 1
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    chat = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=0
+    )
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert isinstance(chat.choices[0].message.content, str) and chat.usage.completion_tokens <= 6
+    assert [m.id for m in client.models.list().data] == [NAME]
+
+
+def test_streaming_equals_whole(server):
+    client = server.client()
+    whole = complete(client, "KING:", max_tokens=12, temperature=0)
+    chunks = list(complete(client, "KING:", max_tokens=12, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0)
+    stream = client.chat.completions.create(
+        model=NAME, messages=messages, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    parts = list(stream)
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == chat.choices[0].message.content
+    assert parts[-1].usage.completion_tokens == chat.usage.completion_tokens
+    # The raw event stream ends with OpenAI's sentinel.
+    body = {"model": NAME, "prompt": "KING:", "max_tokens": 3, "stream": True}
+    lines = requests.post(f"{server.url}/v1/completions", json=body).text.strip().split("\n\n")
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_stop_cuts_before_the_stop_string(server):
+    client = server.client()
+    text = complete(client, "ROMEO:", max_tokens=30, temperature=0).choices[0].text
+    assert len(text) > 8
+    stop = text[5:8]
+    cut = complete(client, "ROMEO:", max_tokens=30, temperature=0, stop=[stop, "\x00never"])
+    assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = complete(client, "ROMEO:", max_tokens=30, temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text[: text.find(stop)]
+
+
+def test_n_and_seed(server):
+    client = server.client()
+    a = complete(client, "To be", max_tokens=15, temperature=1.0, n=3, seed=11)
+    b = complete(client, "To be", max_tokens=15, temperature=1.0, n=3, seed=11)
+    c = complete(client, "To be", max_tokens=15, temperature=1.0, n=3, seed=12)
+    texts = [ch.text for ch in sorted(a.choices, key=lambda ch: ch.index)]
+    assert [ch.index for ch in a.choices] == [0, 1, 2] and len(set(texts)) > 1
+    assert texts == [ch.text for ch in sorted(b.choices, key=lambda ch: ch.index)]
+    assert texts != [ch.text for ch in sorted(c.choices, key=lambda ch: ch.index)]
+    batch = complete(client, ["To be", "or not"], max_tokens=4, temperature=0, n=2)  # type: ignore[arg-type]
+    assert sorted(ch.index for ch in batch.choices) == [0, 1, 2, 3]
+    tokens = client.completions.create(model=NAME, prompt=[5, 6, 7], max_tokens=3, temperature=0)
+    assert tokens.usage.prompt_tokens == 3
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b'{"model": "tiny", "prompt": "a",', 400),
+    ("/v1/completions", b"[1, 2]", 400),
+    ("/v1/completions", {"model": NAME}, 400),
+    ("/v1/completions", {"model": NAME, "prompt": 5}, 400),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": "5"}, 400),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": -1}, 400),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 10**12}, 400),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "temperature": 9}, 400),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "top_p": -0.5}, 400),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "n": 0}, 400),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "n": 9, "stream": "yes"}, 400),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "seed": 2**70}, 400),
+    ("/v1/completions", {"model": NAME, "prompt": ""}, 400),
+    ("/v1/completions", {"model": NAME, "prompt": []}, 400),
+    ("/v1/completions", {"model": NAME, "prompt": [[]]}, 400),
+    ("/v1/completions", {"model": NAME, "prompt": [1, 99999]}, 400),
+    ("/v1/completions", {"model": NAME, "prompt": "word " * 200}, 400),
+    ("/v1/completions", {"model": NAME, "prompt": ["a"] * 20}, 400),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "a"}, 404),
+    ("/v1/completions", {"model": "../../etc/passwd", "prompt": "a"}, 404),
+    ("/v1/chat/completions", {"model": NAME, "messages": []}, 400),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user"}], "max_completion_tokens": 0}, 400),
+    ("/v1/chat/completions", {"model": NAME, "messages": "hello"}, 400),
+    ("/v1/nothing", {}, 404),
+    ("/v1/completions", b"x" * (2 << 20), 413),
+]
+
+
+@pytest.mark.parametrize("path,body,status", BAD_REQUESTS)
+def test_bad_requests_get_openai_errors(server, path, body, status):
+    if isinstance(body, bytes):
+        r = requests.post(server.url + path, data=body, headers={"Content-Type": "application/json"})
+    else:
+        r = requests.post(server.url + path, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def test_wrong_method_and_client_errors(server):
+    r = requests.get(f"{server.url}/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError):
+        server.client().completions.create(model="nope", prompt="a")
+    with pytest.raises(openai.BadRequestError, match="context"):
+        complete(server.client(), "word " * 200)
+
+
+def test_health_and_metrics(server):
+    assert requests.get(f"{server.url}/health").json()["status"] == "ok"
+    complete(server.client(), "a", max_tokens=2, temperature=0)
+    text = requests.get(f"{server.url}/metrics").text
+    assert "# TYPE nomoat_time_to_first_token_seconds histogram" in text
+    assert 'nomoat_requests_total{endpoint="/v1/completions",status="200"}' in text
+    for name in ("nomoat_generated_tokens_total", "nomoat_tokens_per_second", "nomoat_queue_depth"):
+        assert any(line.startswith(name + " ") for line in text.splitlines())
+
+
+def test_32_concurrent_streams_equal_each_alone(server):
+    """Greedy answers do not depend on who else is in the batch, nor on joining mid-flight (8 slots, 32 clients)."""
+    prompts = [f"{w} {i}:" * (1 + i % 4) for i, w in enumerate(["ROMEO", "JULIET", "KING", "NURSE"] * 8)]
+    lengths = [4 + (i * 7) % 25 for i in range(32)]
+    client = server.client()
+    pairs = list(zip(prompts, lengths, strict=True))
+    alone = [complete(client, p, max_tokens=n, temperature=0).choices[0].text for p, n in pairs]
+
+    async def together() -> list[str]:
+        aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+
+        async def one(p: str, n: int) -> str:
+            stream = await aclient.completions.create(model=NAME, prompt=p, max_tokens=n, temperature=0, stream=True)
+            return "".join([c.choices[0].text async for c in stream])
+
+        return await asyncio.gather(*(one(p, n) for p, n in pairs))
+
+    assert asyncio.run(together()) == alone
+
+
+def test_batched_decoding_equals_alone_in_the_engine():
+    """Per-row KV positions: three prompts of different lengths decoded as one batch equal full forwards."""
+    model = tiny_model()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
+    cache = KVCache(CFG, 4, CFG.max_seq_len)
+    cache.pos = torch.zeros(4, dtype=torch.long)
+    seqs = []
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            scratch = KVCache(CFG, 1, len(p))
+            logits = model(torch.tensor([p]), cache=scratch)
+            for layer in range(CFG.n_layer):
+                cache.k[layer][i, :, : len(p)] = scratch.k[layer][0]
+                cache.v[layer][i, :, : len(p)] = scratch.v[layer][0]
+            cache.pos[i] = len(p)
+            seqs.append(p + [int(logits[0, -1].argmax())])
+        for _ in range(6):
+            logits = model(torch.tensor([[s[-1]] for s in seqs]), cache=cache.narrow(3, 16))
+            for i, s in enumerate(seqs):
+                s.append(int(logits[i, -1].argmax()))
+        for s, p in zip(seqs, prompts, strict=True):
+            ref = list(p)
+            for _ in range(7):
+                ref.append(int(model(torch.tensor([ref]))[0, -1].argmax()))
+            assert s == ref
+
+
+def test_api_key(slow_server):
+    with pytest.raises(openai.AuthenticationError):
+        slow_server.client("wrong").completions.create(model=NAME, prompt="a", max_tokens=1)
+    r = requests.post(f"{slow_server.url}/v1/completions", json={"model": NAME, "prompt": "a"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert requests.get(f"{slow_server.url}/metrics").status_code == 401
+    assert requests.get(f"{slow_server.url}/health").status_code == 200
+    assert slow_server.client(KEY).completions.create(model=NAME, prompt="a", max_tokens=1).choices
+
+
+def wait_until(condition, timeout: float = 2.0) -> float:
+    """Seconds until condition() held; fails after timeout."""
+    start = time.perf_counter()
+    while not condition():
+        assert time.perf_counter() - start < timeout, "timed out"
+        time.sleep(0.01)
+    return time.perf_counter() - start
+
+
+def running(server: Server) -> int:
+    return requests.get(f"{server.url}/health").json()["running"]
+
+
+@pytest.mark.slow  # a few seconds: steps take 20 ms on purpose
+def test_cancelled_stream_frees_its_slot_and_full_queue_answers_429(slow_server):
+    body = {"model": NAME, "prompt": "ROMEO:", "max_tokens": 80, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    url = f"{slow_server.url}/v1/completions"
+    first = requests.post(url, json=body, headers=headers, stream=True, timeout=10)
+    next(first.iter_lines())
+    wait_until(lambda: running(slow_server) == 1)
+    # One slot busy, one sequence may wait, the next is turned away.
+    queued = requests.post(url, json=body, headers=headers, stream=True, timeout=10)
+    assert queued.status_code == 200
+    busy = requests.post(url, json=body, headers=headers, timeout=10)
+    assert busy.status_code == 429 and busy.json()["error"]["type"] == "rate_limit_error"
+    queued.close()
+    first.close()
+    # Both streams were closed after a token or so, well before their 80 tokens (1.6 s) were done.
+    assert wait_until(lambda: running(slow_server) == 0) < 0.5
+    assert requests.get(f"{slow_server.url}/health").json()["queue_depth"] == 0
+
+
+@pytest.mark.slow  # schemathesis: 100 generated requests, valid and invalid, over every operation
+def test_fuzzed_requests_never_get_a_5xx(server):
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    modes = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
+
+    @given(case=st.one_of([schema.as_strategy(generation_mode=mode) for mode in modes]))
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def fuzz(case: schemathesis.Case) -> None:
+        if isinstance(case.body, dict) and len(json.dumps(case.body, default=str)) % 2:
+            case.body["model"] = NAME  # about half of the requests reach generation instead of a 404
+        response = case.call(timeout=30)
+        assert response.status_code < 500, (case.path, case.body, response.text)
+        if response.status_code >= 400:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+    fuzz()
+
+
+def test_cli_serve_refuses_a_missing_model(tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
