@@ -196,6 +196,20 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(format_lineage(info))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from nomoat.serve.app import serve  # FastAPI and uvicorn load only for this command
+
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        device=args.device,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from nomoat.demo import run_demo
 
@@ -277,6 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("info", "a model's lineage: size, tokenizer, base model, data sources with licences and hashes")
     p.add_argument("model", help="checkpoint folder, run folder or Hugging Face folder")
     p.set_defaults(func=cmd_info)
+
+    p = add("serve", "an OpenAI-compatible API with continuous batching, and a chat page at /")
+    p.add_argument("model", help="checkpoint folder, run folder or Hugging Face folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but localhost wants --api-key")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API and /metrics")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together in one step")
+    p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot; more get 429")
+    p.set_defaults(func=cmd_serve)
 
     p = add("demo", "corpus -> tokenizer -> train -> eval -> sample on the bundled Shakespeare")
     p.add_argument("--out", default="runs/demo")

@@ -407,6 +407,10 @@ def serve(
 
     from nomoat.checkpoint import load_checkpoint
 
+    if max_batch < 1 or max_queue < 1:
+        raise UserError(f"--max-batch and --max-queue must be at least 1 (got {max_batch} and {max_queue})")
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a port number")
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(
             f"nomoat: warning: serving on {host} without --api-key: anyone who can reach it can use it", file=sys.stderr
