@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import statistics
 import time
@@ -64,7 +63,7 @@ def nomoat_step(model: Transformer, compiled: bool, tc: TrainConfig, x: torch.Te
     forward = torch.compile(model) if compiled else model
     state = {"step": 0}
 
-    batches = itertools.repeat((x, y))
+    batches = [(x, y)] * tc.grad_accum
 
     def step() -> None:
         lr = lr_at(state["step"], tc)

@@ -1,9 +1,11 @@
 """Checkpoint folders: written atomically, loaded without unpickling arbitrary objects.
 
 A checkpoint is a folder `step_00001000/` holding `model.safetensors`, `config.toml`, `tokenizer.json`, the data
-`manifest.json` and `trainer.pt` (optimizer, step, RNG and loader state: tensors and plain values only, read
-back with `weights_only=True`). It is built in a temporary folder and renamed into place, so a save that fails
-midway leaves the previous checkpoint untouched. The same folder is what `nomoat generate` loads.
+`manifest.json`, `trainer.pt` (step, RNG and loader state: tensors and plain values only, read back with
+`weights_only=True`) and `state/`: model and optimizer by parameter name in `torch.distributed.checkpoint`'s
+format, where each rank writes its own shards and any world size reads them back. It is built in a temporary
+folder and renamed into place, so a save that fails midway leaves the previous checkpoint untouched. Sharded
+(FSDP) runs skip `model.safetensors`; `consolidate` streams it out of `state/` one tensor at a time.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import json
 import os
 import pickle
 import shutil
-from collections.abc import Sequence
+import struct
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,66 +26,176 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nomoat.config import ModelConfig, RunConfig, from_dict, read_toml, save_config
+from nomoat.distributed import ONE_PROCESS, World, barrier
 from nomoat.errors import UserError
 from nomoat.model import Transformer, rope_tables
 from nomoat.tokenizer import Tokenizer
 
 PREFIX = "step_"
 
+# torch.distributed.checkpoint says so on every single-process save and load; one process is the common case.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
-def model_state(model: Transformer) -> dict[str, torch.Tensor]:
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """State dict with a tied lm_head left out: safetensors stores no aliases, and loading re-ties it."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
+    if model.cfg.tie_embeddings:  # type: ignore[union-attr]
         state.pop("lm_head.weight", None)
     return state
+
+
+def save_weights(model: torch.nn.Module, folder: Path) -> None:
+    """The default inference artefact: the whole model as one safetensors file."""
+    save_file(model_state(model), str(folder / "model.safetensors"), metadata={"format": "pt"})  # type: ignore[arg-type]
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """FSDP2 turns parameters into DTensors: no rank holds the whole model."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
 
 
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
-    model: Transformer,
+    model: torch.nn.Module,
     cfg: RunConfig,
     tokenizer: Tokenizer,
     manifest: dict[str, Any] | None = None,
     trainer: dict[str, Any] | None = None,
     keep_last: int = 0,
     extra_files: Sequence[Path] = (),
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    export: Callable[[torch.nn.Module, Path], None] = save_weights,
+    world: World = ONE_PROCESS,
 ) -> Path:
     """Write run_dir/checkpoints/step_N atomically and keep only the newest keep_last (0 keeps all).
 
-    extra_files are copied in verbatim: the corpus datasheet, so that every checkpoint carries its lineage."""
+    Every rank calls this: each writes its shards of model and optimizer into state/, rank 0 the rest. `model`
+    is the plain (or FSDP-sharded) model, never a DDP wrapper. extra_files are copied in verbatim: the corpus
+    datasheet, so that every checkpoint carries its lineage."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_file(model_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        save_config(cfg, tmp / "config.toml")
-        tokenizer.save(tmp / "tokenizer.json")
-        if manifest is not None:
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        if trainer is not None:
-            torch.save(trainer, tmp / "trainer.pt")
-        for extra in extra_files:
-            shutil.copy(extra, tmp / extra.name)
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
+    tmp = root / f".tmp-{final.name}"  # one name that every rank can compute
+    if world.main:
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier(world)
+    try:
+        if optimizer is not None:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(_train_state(model, optimizer), checkpoint_id=tmp / "state", no_dist=world.size == 1)
+        barrier(world)
+        if world.main:
+            if not is_sharded(model):
+                export(model, tmp)
+            save_config(cfg, tmp / "config.toml")
+            tokenizer.save(tmp / "tokenizer.json")
+            if manifest is not None:
+                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            if trainer is not None:
+                torch.save(trainer, tmp / "trainer.pt")
+            for extra in extra_files:
+                shutil.copy(extra, tmp / extra.name)
+            _fsync_dir(tmp)
+            if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except BaseException:
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last else []:
+    barrier(world)
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last and world.main else []:
         shutil.rmtree(old)
     return final
 
 
+def _train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def load_train_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Model and optimizer from state/, resharded to however this run is laid out (1 process, DDP or FSDP)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    if not (folder / "state" / ".metadata").is_file():
+        raise UserError(f"{folder}: no state/ (model and optimizer), so training cannot resume from it")
+    state = _train_state(model, optimizer)
+    dcp.load(state, checkpoint_id=folder / "state", no_dist=not torch.distributed.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _state_tensors(folder: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Name, shape and dtype of each model tensor in state/, from its metadata alone."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(folder / "state").read_metadata().state_dict_metadata
+    return {
+        name.removeprefix("model."): (m.size, m.properties.dtype)
+        for name, m in meta.items()
+        if name.startswith("model.") and hasattr(m, "size")
+    }
+
+
+def _read_state_tensor(folder: Path, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    import torch.distributed.checkpoint as dcp
+
+    tensor = torch.empty(shape, dtype=dtype)
+    dcp.load({"model": {name: tensor}}, checkpoint_id=folder / "state", no_dist=True)
+    return tensor
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64", torch.uint8: "U8"}
+
+
+def consolidate(folder: str | Path, out: str | Path | None = None) -> Path:
+    """Stream state/'s model tensors into one safetensors file, holding a single tensor in memory at a time.
+
+    safetensors is an 8-byte header length, a JSON header of offsets, then raw little-endian bytes, so the
+    header can be written from metadata before any tensor is read."""
+    folder = resolve_checkpoint(folder)
+    if not (folder / "state" / ".metadata").is_file():
+        raise UserError(f"{folder}: no state/ folder to consolidate")
+    cfg = from_dict(read_toml(folder / "config.toml"), where=str(folder / "config.toml"))
+    tensors = _state_tensors(folder)
+    if cfg.model.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (shape, dtype) in tensors.items():
+        if dtype not in _ST_DTYPES:
+            raise UserError(f"{folder}: tensor {name} has dtype {dtype}, which this export does not write")
+        size = shape.numel() * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    out = Path(out) if out else folder / "model.safetensors"
+    tmp = out.with_name(f".tmp-{out.name}")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, (shape, dtype) in tensors.items():
+            f.write(_read_state_tensor(folder, name, shape, dtype).contiguous().view(torch.uint8).numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+    return out
+
+
 def _fsync_dir(folder: Path) -> None:
     """Flush every file so that the rename never publishes a half-written checkpoint after a power loss."""
-    for f in folder.iterdir():
+    for f in folder.rglob("*"):
+        if not f.is_file():
+            continue
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
 
@@ -96,7 +210,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a run folder whose newest checkpoint is meant."""
     path = Path(path)
-    if (path / "model.safetensors").is_file():
+    if (path / "model.safetensors").is_file() or (path / "state" / ".metadata").is_file():
         return path
     found = list_checkpoints(path)
     if found:
@@ -123,7 +237,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", traine
         return load_hf(path, device=device)
     folder = resolve_checkpoint(path)
     cfg = from_dict(read_toml(folder / "config.toml"), where=str(folder / "config.toml"))
-    model = build_model(cfg.model, read_safetensors([folder / "model.safetensors"]), str(folder / "model.safetensors"))
+    if (folder / "model.safetensors").is_file():
+        weights = read_safetensors([folder / "model.safetensors"])
+    else:  # a sharded run's checkpoint: gather the shards in this one process
+        weights = {name: _read_state_tensor(folder, name, *meta) for name, meta in _state_tensors(folder).items()}
+    model = build_model(cfg.model, weights, str(folder / "model.safetensors"))
     model.to(device)
     tokenizer = Tokenizer.load(folder / "tokenizer.json")
     if tokenizer.vocab_size > cfg.model.vocab_size:

@@ -116,7 +116,9 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    compile: bool = False
+    compile: bool = False  # torch.compile each block in place
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # how more than one process shares the work (torchrun)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every"):
@@ -141,7 +143,12 @@ class RunConfig:
             )
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "finetune": FinetuneConfig,
+}
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

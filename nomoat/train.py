@@ -1,8 +1,9 @@
-"""The training loop: one plain loop for pretraining, with checkpoints that resume bit for bit.
+"""The training loop: one plain loop for pretraining and fine-tuning, with checkpoints that resume bit for bit.
 
 Here: optimizer construction, learning-rate schedules (pure functions of the step), the loop with gradient
-accumulation, clipping, periodic validation, JSONL metrics, checkpoints and the loss plot. Not here: the model's
-math (`model.py`), batching (`data/`), ranks and sharding (a later `distributed.py` wraps the model from outside).
+accumulation, clipping, periodic validation, JSONL metrics with throughput and MFU, checkpoints and the loss
+plot. Not here: the model's math (`model.py`), batching (`data/`), ranks and sharding (`distributed.py` wraps
+the model from outside), what fine-tuning changes (it passes its own `Setup`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import pickle
 import signal
 import sys
 import time
@@ -18,12 +20,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nomoat.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from nomoat.config import RunConfig, TrainConfig
+from nomoat import distributed
+from nomoat.checkpoint import list_checkpoints, load_train_state, save_checkpoint, save_weights
+from nomoat.config import RunConfig, TrainConfig, from_dict, read_toml, to_dict
 from nomoat.data import ShardSet, TokenLoader, check_tokenizer_matches
 from nomoat.errors import UserError
 from nomoat.eval import evaluate_loss
@@ -63,28 +67,74 @@ def train_step(
     forward: Callable[[torch.Tensor], torch.Tensor],
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
     tc: TrainConfig,
     autocast: torch.autocast | None,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over tc.grad_accum micro-batches; returns (mean loss, grad norm before clipping).
+    """One optimizer step over this process's micro-batches; returns (mean loss, grad norm before clipping).
 
-    `forward` is the model itself or its torch.compile wrapper; the benchmark calls this same function.
-    """
+    `forward` is the model itself or its DDP wrapper; the benchmark calls this same function. Targets of -100
+    (prompt tokens in fine-tuning) are not scored."""
     loss_sum = torch.zeros((), device=device)
-    for _ in range(tc.grad_accum):
-        x, y = next(batches)
+    for i, (x, y) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        distributed.set_grad_sync(forward, i == len(batches) - 1)
         with autocast or contextlib.nullcontext():
             logits = forward(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / tc.grad_accum
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / len(batches)
         loss.backward()
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
+    return loss_sum, distributed.full_norm(grad_norm)
+
+
+# Dense bf16 peak FLOP/s per GPU, from the vendors' datasheets; MFU divides achieved model FLOP/s by these.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "H800": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+    "V100": 125e12,
+}
+
+
+def peak_flops(device: torch.device) -> float:
+    """This device's peak, or 0 when unknown (CPUs): the logs then show achieved FLOP/s only."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), 0.0)
+
+
+def unwrap_flops(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token (6N plus attention) for models that report them, else 6N."""
+    if hasattr(model, "flops_per_token"):
+        return float(model.flops_per_token(seq_len))
+    return 6.0 * sum(p.numel() for p in model.parameters())
+
+
+def config_text(cfg: RunConfig) -> str:
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def read_trainer_state(folder: Path) -> dict[str, Any]:
+    """Step, RNG and loader position, read back with weights_only=True so that nothing is unpickled."""
+    path = folder / "trainer.pt"
+    if not path.is_file():
+        raise UserError(f"{folder}: no trainer.pt, so training cannot resume from it")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: holds more than tensors and plain values; refusing to unpickle it") from e
 
 
 def pick_device(name: str) -> torch.device:
@@ -141,6 +191,22 @@ class TrainResult:
     checkpoint: Path
 
 
+@dataclasses.dataclass
+class Setup:
+    """What differs between pretraining and fine-tuning: the batches, the trainable parameters, what is saved.
+
+    `loader` yields (x, y) token batches (B, T) where y == -100 is not scored, and has state_dict() and
+    load_state_dict(); `export` writes the inference artefact into a checkpoint folder."""
+
+    model: torch.nn.Module
+    loader: Any
+    tokenizer: Tokenizer
+    val: Callable[[torch.nn.Module], dict[str, float]] | None = None
+    export: Callable[[torch.nn.Module, Path], None] = save_weights
+    manifest: dict[str, Any] | None = None
+    extra_files: list[Path] = dataclasses.field(default_factory=list)
+
+
 def _read_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
     """Metrics logged up to and including a step; later lines came from work lost since the checkpoint."""
     if not path.is_file():
@@ -157,12 +223,9 @@ def _config_diff(a: Any, b: Any, section: str) -> list[str]:
     ]
 
 
-def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train per cfg; with resume, continue from the newest checkpoint in cfg.train.out_dir."""
+def pretraining_setup(cfg: RunConfig, device: torch.device) -> Setup:
+    """A fresh model from cfg.model over the token shards of cfg.data."""
     tc = cfg.train
-    run_dir = Path(tc.out_dir)
-    device = pick_device(tc.device)
-    autocast = autocast_for(device, tc.dtype)
     if not cfg.data.shards or not cfg.data.tokenizer:
         raise UserError("data.shards and data.tokenizer must be set (build them with `nomoat data build`)")
     tokenizer = Tokenizer.load(cfg.data.tokenizer)
@@ -174,61 +237,101 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
             f"more than model.vocab_size {cfg.model.vocab_size}"
         )
     val_set = ShardSet(cfg.data.shards, "val", verify=cfg.data.verify) if _has_val(train_set) else None
+    autocast = autocast_for(device, tc.dtype)
+
+    def validate(model: torch.nn.Module) -> dict[str, float]:
+        return evaluate_loss(model, val_set, tc.batch_size, tc.seq_len, tc.eval_batches, device, autocast)
 
     torch.manual_seed(tc.seed)
-    model = Transformer(cfg.model).to(device)
+    datasheet = Path(cfg.data.shards) / "datasheet.json"  # written by a corpus recipe; travels with the model
+    return Setup(
+        model=Transformer(cfg.model).to(device),
+        loader=TokenLoader(train_set, tc.batch_size, tc.seq_len, seed=tc.seed),
+        tokenizer=tokenizer,
+        val=validate if val_set is not None else None,
+        manifest=train_set.manifest,
+        extra_files=[datasheet] if datasheet.is_file() else [],
+    )
+
+
+def train(cfg: RunConfig, resume: bool = False, progress: bool = True, setup: Setup | None = None) -> TrainResult:
+    """Train per cfg; with resume, continue from the newest checkpoint in cfg.train.out_dir.
+
+    Without a setup this is pretraining; fine-tuning passes its own. Under torchrun each process runs this same
+    function: `distributed` wraps the model and hands each rank its slice of every global batch."""
+    tc = cfg.train
+    run_dir = Path(tc.out_dir)
+    world = distributed.init(pick_device(tc.device))
+    device = distributed.local_device(pick_device(tc.device), world)
+    distributed.check_same_config(config_text(cfg), world)
+    setup = setup or pretraining_setup(cfg, device)
+    model, loader = setup.model, setup.loader
+    autocast = None if distributed.uses_fsdp_precision(tc, device, world) else autocast_for(device, tc.dtype)
+    forward = distributed.parallelize(model, tc, device, world)
     optimizer = make_optimizer(model, tc, device)
-    loader = TokenLoader(train_set, tc.batch_size, tc.seq_len, seed=tc.seed)
     start_step = 0
     metrics_file = run_dir / "metrics.jsonl"
     if resume:
         found = list_checkpoints(run_dir)
         if not found:
             raise UserError(f"{run_dir}: no checkpoint to resume from")
-        ckpt = load_checkpoint(found[-1], device=device, trainer_state=True)
-        diff = _config_diff(ckpt.cfg.model, cfg.model, "model")
+        saved = from_dict(read_toml(found[-1] / "config.toml"), where=str(found[-1] / "config.toml"))
+        diff = _config_diff(saved.model, cfg.model, "model")
         if diff:
             raise UserError(f"cannot resume {found[-1]} with a different model config ({'; '.join(diff)})")
-        model.load_state_dict(ckpt.model.state_dict())
-        state = ckpt.trainer
-        optimizer.load_state_dict(state["optimizer"])
+        load_train_state(found[-1], model, optimizer)
+        state = read_trainer_state(found[-1])
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
         start_step = state["step"]
-        rows = _read_metrics(metrics_file, start_step)
-        metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if world.main:
+            rows = _read_metrics(metrics_file, start_step)
+            metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     elif list_checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints: pass --resume, or choose another train.out_dir")
-    else:
+    elif world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_file.write_text("")
+    distributed.barrier(world)
 
-    forward = torch.compile(model) if tc.compile else model
-    manifest = train_set.manifest
-    datasheet = Path(cfg.data.shards) / "datasheet.json"  # written by a corpus recipe; travels with the model
-    extra_files = [datasheet] if datasheet.is_file() else []
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
+    flops_per_step = unwrap_flops(model, tc.seq_len) * tokens_per_step
+    peak = peak_flops(device) * world.size
 
     def save(step: int) -> Path:
-        trainer = {
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "rng": torch.get_rng_state(),
-            "loader": loader.state_dict(),
-        }
-        return save_checkpoint(run_dir, step, model, cfg, tokenizer, manifest, trainer, tc.keep_last, extra_files)
+        trainer = {"step": step, "rng": torch.get_rng_state(), "loader": loader.state_dict()}
+        return save_checkpoint(
+            run_dir,
+            step,
+            model,
+            cfg,
+            setup.tokenizer,
+            setup.manifest,
+            trainer,
+            tc.keep_last,
+            setup.extra_files,
+            optimizer=optimizer,
+            export=setup.export,
+            world=world,
+        )
 
     def log(row: dict[str, Any]) -> None:
-        with metrics_file.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if world.main:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
 
     def validate(step: int) -> dict[str, float]:
-        result = evaluate_loss(model, val_set, tc.batch_size, tc.seq_len, tc.eval_batches, device, autocast)
+        assert setup.val is not None
+        model.eval()
+        result = setup.val(forward)
+        model.train()
         log({"step": step, **result})
         return result
 
     model.train()
-    bar = tqdm(total=tc.steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=tc.steps, initial=start_step, disable=not (progress and world.main), unit="step", dynamic_ncols=True
+    )
     stop = StopFlag()
     val: dict[str, float] = {}
     loss_value = float("nan")
@@ -239,45 +342,43 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> TrainR
             lr = lr_at(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, grad_norm = train_step(forward, model, optimizer, loader, tc, autocast, device)
+            batches = distributed.micro_batches(loader, tc.grad_accum, world)
+            loss_sum, grad_norm = train_step(forward, model, optimizer, batches, tc, autocast, device)
             step += 1
             tokens_since += tokens_per_step
 
             if step % tc.log_every == 0 or step == tc.steps:
-                loss_value = loss_sum.item()
+                loss_value = distributed.mean_over_ranks(loss_sum, world).item()
                 now = time.perf_counter()
                 train_seconds += now - t_last
                 tok_s = tokens_since / (now - t_last)
+                row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tok_s}
+                row["flops_per_s"] = flops_per_step * tokens_since / tokens_per_step / (now - t_last)
+                if peak:
+                    row["mfu"] = row["flops_per_s"] / peak
                 t_last, tokens_since = now, 0
-                log(
-                    {
-                        "step": step,
-                        "loss": loss_value,
-                        "lr": lr,
-                        "grad_norm": grad_norm.item(),
-                        "tokens_per_s": tok_s,
-                    }
-                )
+                log(row)
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             bar.update(1)
 
             is_last = step == tc.steps
-            if val_set is not None and ((tc.eval_every and step % tc.eval_every == 0) or is_last):
+            if setup.val is not None and ((tc.eval_every and step % tc.eval_every == 0) or is_last):
                 pause = time.perf_counter()
                 val = validate(step)
                 t_last += time.perf_counter() - pause  # validation time is not training time
-                if progress:
+                if progress and world.main and "val_loss" in val:
                     line = f"step {step}: val loss {val['val_loss']:.4f}, {val['val_bpb']:.4f} bits per byte"
                     bar.write(line, sys.stderr)
-            if stop.signum is not None and not is_last:
+            if distributed.any_rank(stop.signum is not None, world) and not is_last:
                 bar.close()
-                raise TrainingInterrupted(stop.signum, save(step))
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, save(step))
             if (tc.save_every and step % tc.save_every == 0) or is_last:
                 pause = time.perf_counter()
                 save(step)
                 t_last += time.perf_counter() - pause
     bar.close()
-    plot_losses(metrics_file, run_dir / "loss.png")
+    if world.main:
+        plot_losses(metrics_file, run_dir / "loss.png")
     rows = _read_metrics(metrics_file, step)
     train_rows = [r for r in rows if "loss" in r]
     return TrainResult(
