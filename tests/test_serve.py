@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,14 +17,13 @@ import pytest
 import requests
 import schemathesis
 import torch
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nomoat.cli import main
 from nomoat.config import ModelConfig
 from nomoat.model import KVCache, Transformer
-from nomoat.serve.app import build_app
+from nomoat.serve.app import build_app, running
 from nomoat.tokenizer import Tokenizer
 
 CFG = ModelConfig(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_seq_len=96)
@@ -62,16 +59,8 @@ class SlowModel(Transformer):
 
 
 def start(app) -> Iterator[Server]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield Server(f"http://127.0.0.1:{sock.getsockname()[1]}", app)
-    server.should_exit = True
-    thread.join()
+    with running(app) as url:
+        yield Server(url, app)
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +159,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": NAME, "prompt": []}, 400),
     ("/v1/completions", {"model": NAME, "prompt": [[]]}, 400),
     ("/v1/completions", {"model": NAME, "prompt": [1, 99999]}, 400),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "\\udcff"}', 400),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}', 400),
     ("/v1/completions", {"model": NAME, "prompt": "word " * 200}, 400),
     ("/v1/completions", {"model": NAME, "prompt": ["a"] * 20}, 400),
     ("/v1/completions", {"model": "gpt-4", "prompt": "a"}, 404),
@@ -279,7 +270,7 @@ def wait_until(condition, timeout: float = 2.0) -> float:
     return time.perf_counter() - start
 
 
-def running(server: Server) -> int:
+def busy_slots(server: Server) -> int:
     return requests.get(f"{server.url}/health").json()["running"]
 
 
@@ -290,7 +281,7 @@ def test_cancelled_stream_frees_its_slot_and_full_queue_answers_429(slow_server)
     url = f"{slow_server.url}/v1/completions"
     first = requests.post(url, json=body, headers=headers, stream=True, timeout=10)
     next(first.iter_lines())
-    wait_until(lambda: running(slow_server) == 1)
+    wait_until(lambda: busy_slots(slow_server) == 1)
     # One slot busy, one sequence may wait, the next is turned away.
     queued = requests.post(url, json=body, headers=headers, stream=True, timeout=10)
     assert queued.status_code == 200
@@ -299,7 +290,7 @@ def test_cancelled_stream_frees_its_slot_and_full_queue_answers_429(slow_server)
     queued.close()
     first.close()
     # Both streams were closed after a token or so, well before their 80 tokens (1.6 s) were done.
-    assert wait_until(lambda: running(slow_server) == 0) < 0.5
+    assert wait_until(lambda: busy_slots(slow_server) == 0) < 0.5
     assert requests.get(f"{slow_server.url}/health").json()["queue_depth"] == 0
 
 
@@ -313,6 +304,9 @@ def test_fuzzed_requests_never_get_a_5xx(server):
     def fuzz(case: schemathesis.Case) -> None:
         if isinstance(case.body, dict) and len(json.dumps(case.body, default=str)) % 2:
             case.body["model"] = NAME  # about half of the requests reach generation instead of a 404
+            for i, message in enumerate(case.body.get("messages") or []):
+                if isinstance(message, dict):
+                    message["role"] = ("user", "assistant")[i % 2]
         response = case.call(timeout=30)
         assert response.status_code < 500, (case.path, case.body, response.text)
         if response.status_code >= 400:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import socket
 import sys
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from importlib import resources
 from typing import Any, Literal
@@ -214,6 +216,13 @@ def build_app(
             stop=tuple(s for s in stops if s),
         )
 
+    def encode(text: str, param: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # JSON may escape a lone surrogate, which no tokenizer takes
+            raise APIError(400, f"{param} is not valid Unicode (it holds a lone surrogate)", param) from None
+        return tokenizer.encode(text)
+
     def check_prompt(ids: list[int]) -> list[int]:
         if not ids:
             raise APIError(400, "the prompt is empty", "prompt")
@@ -327,9 +336,9 @@ def build_app(
         check_model(body.model)
         p = body.prompt
         if isinstance(p, str):
-            raw = [tokenizer.encode(p)]
+            raw = [encode(p, "prompt")]
         elif p and all(isinstance(x, str) for x in p):
-            raw = tokenizer.encode_batch(p)  # type: ignore[arg-type]
+            raw = [encode(x, "prompt") for x in p]  # type: ignore[arg-type]
         elif p and all(isinstance(x, int) for x in p):
             raw = [p]  # type: ignore[list-item]
         else:
@@ -369,7 +378,7 @@ def build_app(
             text = render_chat(tokenizer, messages, add_generation_prompt=True)
         except UserError as e:
             raise APIError(400, str(e), "messages") from None
-        prompt = check_prompt(tokenizer.encode(text))
+        prompt = check_prompt(encode(text, "messages"))
         params = sampling(body, body.max_completion_tokens or body.max_tokens, context - len(prompt))
         if tokenizer.chat_template is None:  # the default ChatML template ends a turn with a marker, maybe as text
             params = replace(params, stop=(*params.stop, "<|im_end|>"))
@@ -420,3 +429,26 @@ def serve(
     app = build_app(ckpt.model, ckpt.tokenizer, name, api_key, max_batch=max_batch, max_queue=max_queue)
     print(f"nomoat: serving {name!r} on http://{host}:{port}/ (chat page) and /v1", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@contextmanager
+def running(app: Any, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve app on a free port from a background thread for the duration of a with block; yields the base URL
+    (for tests, benchmarks and notebooks)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.bind((host, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the server thread stopped while starting")
+            time.sleep(0.01)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join()
+        sock.close()

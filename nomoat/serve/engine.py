@@ -24,6 +24,8 @@ from nomoat.tokenizer import DecodeStream, Tokenizer
 
 # Below this temperature the distribution is an argmax anyway, and dividing by it would overflow the logits.
 MIN_TEMPERATURE = 1e-4
+# A nucleus this small holds only the most likely token (and one below float32's range would hold none).
+MIN_TOP_P = 1e-6
 
 
 class QueueFull(Exception):
@@ -40,7 +42,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < MIN_TEMPERATURE or self.top_p == 0
+        return self.temperature < MIN_TEMPERATURE or self.top_p < MIN_TOP_P
 
 
 @dataclass
