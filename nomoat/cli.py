@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -92,16 +93,31 @@ def cmd_data_build_recipe(args: argparse.Namespace) -> None:
         _print_json(summary)
 
 
-def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+def cmd_train(args: argparse.Namespace, overrides: dict[str, str], argv: list[str]) -> int:
     from nomoat.config import load_config
     from nomoat.train import TrainingInterrupted, train
 
+    if args.nproc > 1:  # re-enter this command under torchrun, one process per rank
+        from nomoat.distributed import launch
+
+        drop = {i for i, a in enumerate(argv) if a == "--nproc"}
+        launch(
+            args.nproc, [a for i, a in enumerate(argv) if i not in drop | {j + 1 for j in drop} and "--nproc=" not in a]
+        )
+        return 0
     cfg = load_config(args.config, overrides)
     try:
         result = train(cfg, resume=args.resume, progress=not args.json)
     except TrainingInterrupted as e:
         print(f"nomoat: {e}; continue with --resume", file=sys.stderr)
         return 128 + e.signum
+    except RuntimeError as e:
+        from nomoat.distributed import lost_peer
+
+        if (line := lost_peer(e)) is None:
+            raise
+        print(f"nomoat: error: {line}", file=sys.stderr)
+        return 1
     print(f"checkpoint: {result.checkpoint}", file=sys.stderr)
     if args.json:
         _print_json(
@@ -116,6 +132,68 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> int:
             }
         )
     return 0
+
+
+def cmd_finetune(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from nomoat.config import apply_overrides, from_dict, read_toml, resolve_preset
+    from nomoat.finetune import finetune
+    from nomoat.train import TrainingInterrupted
+
+    raw = read_toml(resolve_preset(args.config)) if args.config else {}
+    raw.pop("model", None)  # the model is the base's
+    flags = {"finetune.base": args.base, "finetune.data": args.data, "finetune.method": args.method}
+    overrides = {**{k: v for k, v in flags.items() if v is not None}, **overrides}
+    cfg = from_dict(apply_overrides(raw, overrides), where=args.config or "finetune")
+    try:
+        result = finetune(cfg, resume=args.resume, progress=not args.json)
+    except TrainingInterrupted as e:
+        print(f"nomoat: {e}; continue with --resume", file=sys.stderr)
+        return 128 + e.signum
+    print(f"checkpoint: {result.checkpoint}", file=sys.stderr)
+    if args.json:
+        row = {"step": result.step, "train_loss": result.train_loss, "val_loss": result.val_loss}
+        _print_json({**row, "train_seconds": result.train_seconds, "checkpoint": str(result.checkpoint)})
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from nomoat.finetune import merge
+
+    result = merge(args.adapter, args.out, base=args.base, requantize=args.requantize, data=args.data)
+    line = f"wrote merged checkpoint {result['out']}"
+    if result["bpb_change"] is not None:
+        line += f"; bits per byte {result['bpb_before']:.4f} -> {result['bpb_after']:.4f} ({result['bpb_change']:+.4f})"
+    print(line, file=sys.stderr)
+    if args.json:
+        _print_json(result)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from nomoat.chat import stream_reply
+    from nomoat.finetune import load_tuned
+
+    ckpt = load_tuned(args.model, adapter=args.adapter, device=args.device)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat: an empty line or Ctrl-D ends, /reset forgets the conversation", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return
+        if not line:
+            return
+        if line == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+        pieces = []
+        for piece in stream_reply(ckpt.model, ckpt.tokenizer, messages, seed=args.seed, **sampling):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(pieces).strip()})
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -173,6 +251,12 @@ def cmd_convert_from_hf(args: argparse.Namespace) -> None:
 
     out = from_hf(args.hf_dir, args.out)
     print(f"wrote nomoat checkpoint {out}", file=sys.stderr)
+
+
+def cmd_convert_consolidate(args: argparse.Namespace) -> None:
+    from nomoat.checkpoint import consolidate
+
+    print(f"wrote {consolidate(args.checkpoint, args.out)}", file=sys.stderr)
 
 
 def cmd_convert_to_hf(args: argparse.Namespace) -> None:
@@ -252,7 +336,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", "pretrain a model; config fields are overridable as --section.key value")
     p.add_argument("--config", required=True, help="run TOML file or preset name (cpu, gpt2-124m, ...)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine, started with torchrun")
     p.set_defaults(func=cmd_train)
+
+    p = add("finetune", "fine-tune a model on chat, instruction or text data: full, LoRA, or LoRA over 4-bit NF4")
+    p.add_argument("--base", help="nomoat checkpoint, run folder or Hugging Face folder (finetune.base)")
+    p.add_argument("--data", help=".jsonl/.json chats, Alpaca or {'text'} records, or .txt (finetune.data)")
+    p.add_argument("--method", choices=["full", "lora", "qlora"], help="finetune.method (default lora)")
+    p.add_argument("--config", help="TOML with [train] and [finetune] sections, or a preset name")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.set_defaults(func=cmd_finetune)
+
+    p = add("merge", "fold a LoRA adapter into full weights (an NF4 base is dequantized, merged in fp32)")
+    p.add_argument("adapter", help="a LoRA fine-tuning checkpoint or run folder, or a PEFT adapter folder")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--base", help="the base model; default: the one the fine-tuning run recorded")
+    p.add_argument("--requantize", action="store_true", help="snap the merged weights back onto the NF4 grid")
+    p.add_argument("--data", help="records to measure bits per byte on; default: the fine-tuning data")
+    p.set_defaults(func=cmd_merge)
+
+    p = add("chat", "talk to a model in the terminal through its chat template; replies stream")
+    p.add_argument("model", help="checkpoint, run or Hugging Face folder, or a LoRA fine-tuning checkpoint")
+    p.add_argument("--adapter", help="a LoRA adapter folder (ours or PEFT's) to apply to MODEL")
+    p.add_argument("--system", help="a system message to start the conversation with")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_chat)
 
     p = add("generate", "sample text from a checkpoint")
     p.add_argument("model", help="checkpoint folder or run folder")
@@ -282,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", help="folder with config.json, *.safetensors and tokenizer.json")
     p.add_argument("out", help="checkpoint folder to write")
     p.set_defaults(func=cmd_convert_from_hf)
+    p = add("consolidate", "stream a sharded (FSDP) checkpoint's weights into one model.safetensors", convert)
+    p.add_argument("checkpoint", help="checkpoint or run folder")
+    p.add_argument("--out", help="file to write (default: model.safetensors in the checkpoint)")
+    p.set_defaults(func=cmd_convert_consolidate)
+
     p = add("to-hf", "write a checkpoint as a Hugging Face folder that transformers loads", convert)
     p.add_argument("checkpoint", help="checkpoint folder or run folder")
     p.add_argument("out", help="folder to write")
@@ -338,15 +455,20 @@ def main(argv: list[str] | None = None) -> int:
         rest, overrides = split_overrides(argv)
         args = build_parser().parse_args(rest)
         if args.func is cmd_train:
-            return cmd_train(args, overrides)
+            return cmd_train(args, overrides, argv)
+        if args.func is cmd_finetune:
+            return cmd_finetune(args, overrides)
         if overrides:
-            raise UserError(f"config overrides such as --{next(iter(overrides))} only apply to `nomoat train`")
+            raise UserError(
+                f"config overrides such as --{next(iter(overrides))} only apply to `nomoat train` and `finetune`"
+            )
         args.func(args)
         return 0
     except UserError as e:
         if debug:
             raise
-        print(f"nomoat: error: {e}", file=sys.stderr)
+        rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"nomoat: error: {rank}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("nomoat: interrupted", file=sys.stderr)

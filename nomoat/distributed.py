@@ -169,6 +169,16 @@ def full_norm(norm: torch.Tensor) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
+def lost_peer(error: BaseException) -> str | None:
+    """One line for a collective that failed because another rank is gone, else None (a bug: keep the traceback)."""
+    text = str(error)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (
+        isinstance(error, dist.DistError) or "Connection reset by peer" in text or "Connection closed by peer" in text
+    ):
+        return f"rank {os.environ.get('RANK', '?')}: lost contact with another rank, which stopped first"
+    return None
+
+
 def launch(nproc: int, argv: list[str]) -> None:
     """`nomoat train --nproc N ...`: torchrun on this machine, N processes running `nomoat train ...`.
 
@@ -182,7 +192,7 @@ def launch(nproc: int, argv: list[str]) -> None:
     try:
         run(args)
     except ChildFailedError as e:
-        rank, failure = min(e.failures.items())
+        rank, failure = e.get_first_failure()  # the root cause; the others were stopped because of it
         if failure.signal_name() not in ("", "<N/A>", None) and failure.exitcode < 0:
             why = f"killed by {failure.signal_name()}"
         else:
