@@ -243,10 +243,12 @@ def build_app(
         prompts: list[list[int]],
         params: SamplingParams,
         body: SamplingRequest,
-        chunk: Callable[[int, str, str | None, bool], dict],
+        chunk: Callable[[int, str, str | None], dict],
         whole: Callable[[list[str], list[str | None]], dict],
+        opening: Callable[[int], dict] | None = None,
     ) -> Response:
-        """Submit n sequences per prompt and answer as one JSON body or as server-sent events."""
+        """Submit n sequences per prompt and answer as one JSON body or as server-sent events (after an opening
+        chunk per choice, if given: chat announces the assistant's role)."""
         n = body.n or 1
         if n * len(prompts) > MAX_CHOICES:
             raise APIError(400, f"n times the number of prompts is {n * len(prompts)}; at most {MAX_CHOICES}", "n")
@@ -274,8 +276,8 @@ def build_app(
 
             async def sse() -> AsyncIterator[str]:
                 try:
-                    for i in range(len(seqs)):
-                        yield f"data: {json.dumps(chunk(i, '', None, True))}\n\n"
+                    for i in range(len(seqs) if opening else 0):
+                        yield f"data: {json.dumps(opening(i))}\n\n"
                     done = 0
                     while done < len(seqs):
                         i, event = await events.get()
@@ -283,12 +285,12 @@ def build_app(
                             yield f"data: {json.dumps(error_body(500, 'generation failed'))}\n\n"
                             return
                         if event.text:
-                            yield f"data: {json.dumps(chunk(i, event.text, None, False))}\n\n"
+                            yield f"data: {json.dumps(chunk(i, event.text, None))}\n\n"
                         if event.finish_reason is not None:
                             done += 1
-                            yield f"data: {json.dumps(chunk(i, '', event.finish_reason, False))}\n\n"
+                            yield f"data: {json.dumps(chunk(i, '', event.finish_reason))}\n\n"
                     if include_usage:
-                        yield f"data: {json.dumps({**chunk(0, '', None, False), 'choices': [], 'usage': usage()})}\n\n"
+                        yield f"data: {json.dumps({**chunk(0, '', None), 'choices': [], 'usage': usage()})}\n\n"
                     yield "data: [DONE]\n\n"
                 finally:  # also when the client went away: the slots free at the next step
                     engine.cancel(seqs)
@@ -350,7 +352,7 @@ def build_app(
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": now, "model": model_name}
 
-        def chunk(i: int, text: str, reason: str | None, first: bool) -> dict:
+        def chunk(i: int, text: str, reason: str | None) -> dict:
             return {**head, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}]}
 
         def whole(texts: list[str], reasons: list[str | None]) -> dict:
@@ -385,9 +387,13 @@ def build_app(
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name}
 
-        def chunk(i: int, text: str, reason: str | None, first: bool) -> dict:
-            delta = {"role": "assistant", "content": ""} if first else {"content": text} if text else {}
+        def chunk(i: int, text: str, reason: str | None) -> dict:
+            delta = {"content": text} if text else {}
             return {**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+        def opening(i: int) -> dict:
+            delta = {"role": "assistant", "content": ""}
+            return {**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
 
         def whole(texts: list[str], reasons: list[str | None]) -> dict:
             choices = [
@@ -396,7 +402,7 @@ def build_app(
             ]
             return {**head, "object": "chat.completion", "choices": choices}
 
-        return await run(request, [prompt], params, body, chunk, whole)
+        return await run(request, [prompt], params, body, chunk, whole, opening)
 
     paths = {r.path for r in app.routes if hasattr(r, "path")}
     return Guard(app, api_key, max_body, metrics, paths)
