@@ -131,10 +131,38 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    """Fine-tuning a base model (nomoat/finetune.py); the model section is then the base's own."""
+
+    base: str = ""  # a nomoat checkpoint or run folder, or a Hugging Face model folder
+    data: str = ""  # .jsonl/.json records: chats {"messages": [...]}, Alpaca, or {"text": ...}; or a .txt file
+    val_data: str = ""  # the same kinds of records, for validation loss on the scored tokens
+    method: Literal["full", "lora", "qlora"] = "lora"  # qlora: LoRA over a frozen 4-bit NF4 base (arXiv:2305.14314)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma-separated layer names
+    double_quant: bool = True  # qlora: store the 4-bit blocks' scales in 8 bits too
+    packing: bool = False  # several samples per row, no target crossing from one into the next
+    overlong: Literal["truncate", "drop"] = "truncate"  # samples longer than train.seq_len + 1 tokens
+
+    def __post_init__(self) -> None:
+        if self.lora_rank <= 0:
+            raise UserError(f"finetune.lora_rank must be positive, got {self.lora_rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"finetune.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig | None = None  # set for fine-tuning runs only
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
