@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_run
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from nomoat.checkpoint import list_checkpoints
@@ -140,3 +141,13 @@ def test_metrics_report_throughput_and_flops(shakespeare_shards, tmp_path):
     rows = [r for r in rows if "loss" in r]
     assert len(rows) == 3 and all(r["tokens_per_s"] > 0 and r["flops_per_s"] > 0 for r in rows)
     assert all("mfu" not in r for r in rows)  # a CPU has no entry in the peak table: achieved FLOP/s only
+
+
+@pytest.mark.slow  # Inductor compiles each block's forward and backward: tens of seconds on 2 cores
+def test_compiled_blocks_train_like_eager_and_save_the_same_names(shakespeare_shards, tmp_path):
+    eager = train(tiny_run(shakespeare_shards, tmp_path / "a", steps=3, eval_every=0), progress=False)
+    compiled = train(tiny_run(shakespeare_shards, tmp_path / "b", steps=3, eval_every=0, compile=True), progress=False)
+    a, b = [v for _, v in losses(eager.run_dir)], [v for _, v in losses(compiled.run_dir)]
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4, (a, b)
+    names = [load_file(str(r.checkpoint / "model.safetensors")).keys() for r in (eager, compiled)]
+    assert names[0] == names[1]
