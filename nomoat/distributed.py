@@ -159,7 +159,8 @@ def any_rank(flag: bool, world: World) -> bool:
     """True on every rank when any rank saw it: a signal that reached one rank stops all at the same step."""
     if world.size == 1:
         return flag
-    t = torch.tensor([int(flag)])
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None  # NCCL: GPU only
+    t = torch.tensor([int(flag)], device=on)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
