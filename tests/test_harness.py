@@ -105,55 +105,48 @@ CASES = [
 ]
 
 
-def _harness_task(root: Path, name: str, data: Path, yaml_file: str) -> None:
+def _harness_task(root: Path, name: str, data: Path, yaml_file: str, shots: int) -> str:
     """A YAML that includes the harness's own definition and points it at the local file (only a test split)."""
-    yaml = root / f"{name}.yaml"
-    yaml.write_text(
-        f"include: {HARNESS_TASKS / yaml_file}\ntask: local_{name}\ndataset_path: json\ndataset_name: null\n"
+    task = f"local_{name}_{shots}shot"
+    (root / f"{task}.yaml").write_text(
+        f"include: {HARNESS_TASKS / yaml_file}\ntask: {task}\ndataset_path: json\ndataset_name: null\n"
         f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "training_split: null\nvalidation_split: null\ntest_split: test\nfewshot_split: test\n"
+        f"training_split: null\nvalidation_split: null\ntest_split: test\nfewshot_split: test\nnum_fewshot: {shots}\n"
     )
-
-
-def _run_harness(model: str, model_args: str, tasks: list[str], include: Path, shots: int) -> dict:
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    out = simple_evaluate(
-        model=model,
-        model_args=model_args,
-        tasks=tasks,
-        num_fewshot=shots,
-        batch_size=4,
-        device="cpu",
-        task_manager=TaskManager(include_path=str(include)),
-        random_seed=0,
-        numpy_random_seed=0,
-        torch_random_seed=0,
-    )
-    return out["results"]
+    return task
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shots", [0, 2])
-def test_acc_equals_harness_hf_backend_and_registered_model(models, tmp_path, shots):
+def test_acc_equals_harness_hf_backend_and_registered_model(models, tmp_path):
+    """Zero-shot on every layout, 2-shot on the two multiple-choice layouts; one harness run per backend."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
     ckpt, hf = models
-    cases = CASES if shots == 0 else [CASES[1], CASES[3]]  # few-shot: one per layout that has choices
-    for name, fmt, yaml_file, _ in cases:
+    runs = [(case, 0) for case in CASES] + [(CASES[1], 2), (CASES[3], 2)]
+    tasks = {}
+    for (name, fmt, yaml_file, _), shots in runs:
         data = tmp_path / f"{name}.jsonl"
         data.write_text("".join(json.dumps(d) + "\n" for d in _docs(fmt)))
-        _harness_task(tmp_path, name, data, yaml_file)
-    tasks = [f"local_{name}" for name, *_ in cases]
-    theirs = _run_harness("hf", f"pretrained={hf},dtype=float32", tasks, tmp_path, shots)
-    registered = _run_harness("nomoat", f"pretrained={ckpt}", tasks, tmp_path, shots)
+        tasks[name, shots] = _harness_task(tmp_path, name, data, yaml_file, shots)
+    manager = TaskManager(include_path=str(tmp_path))  # indexing the harness's tasks is the slow part: once
+
+    def harness(model: str, model_args: str) -> dict:
+        kwargs = {"batch_size": 4, "device": "cpu", "task_manager": manager}
+        out = simple_evaluate(model=model, model_args=model_args, tasks=list(tasks.values()), **kwargs)
+        assert out["n-shot"][tasks["piqa", 2]] == 2
+        return out["results"]
+
+    theirs = harness("hf", f"pretrained={hf},dtype=float32")
+    registered = harness("nomoat", f"pretrained={ckpt}")
     model = load_checkpoint(ckpt)
-    for name, _, _, metrics in cases:
+    for (name, _, _, metrics), shots in runs:
         ours = evaluate_task(model.model, model.tokenizer, load_task(name), tmp_path / f"{name}.jsonl", shots)
         for metric in metrics:
-            ref = theirs[f"local_{name}"][f"{metric},none"]
-            assert ours[metric] == pytest.approx(ref, rel=1e-4), (name, metric)
-            assert registered[f"local_{name}"][f"{metric},none"] == pytest.approx(ref, rel=1e-4), (name, metric)
-    assert 0 < theirs["local_piqa"]["acc,none"] < 1  # the data discriminates: not every answer right or wrong
+            ref = theirs[tasks[name, shots]][f"{metric},none"]
+            assert ours[metric] == pytest.approx(ref, rel=1e-4), (name, shots, metric)
+            assert registered[tasks[name, shots]][f"{metric},none"] == pytest.approx(ref, rel=1e-4), (name, metric)
+    assert 0 < theirs[tasks["piqa", 0]]["acc,none"] < 1  # the data discriminates: not every answer right or wrong
 
 
 def test_generate_until_stops_on_the_given_strings(models):
