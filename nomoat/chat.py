@@ -1,15 +1,15 @@
 """Chat rendering: a model's Jinja chat template rendered as transformers' apply_chat_template does, and the
-token ids of a conversation with the assistant's tokens marked for the loss.
+token ids of a conversation with the assistant's tokens marked for the loss, and a reply streamed as it is made.
 
 Masks are found without `{% generation %}` markers: each assistant turn is where the conversation rendered up to
 and including that turn departs from the one rendered up to its generation prompt. Not here: datasets, batching
-and packing (finetune.py), sampling (generate.py).
+and packing (finetune.py), sampling itself (generate.py).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -19,7 +19,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from nomoat.errors import UserError
-from nomoat.tokenizer import Tokenizer
+from nomoat.tokenizer import Tokenizer, decode_stream
 
 ROLES = ("system", "user", "assistant")
 
@@ -181,3 +181,33 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> tup
         pos = end
     tail = tokenizer.encode(text[pos:])
     return ids + tail, mask + [False] * len(tail)
+
+
+def turn_closer(tokenizer: Tokenizer) -> str:
+    """What the template writes after an assistant's reply, eos aside (ChatML's "<|im_end|>"; often nothing)."""
+    probe = "PROBE"
+    chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": probe}]
+    text, spans = assistant_spans(tokenizer, chat)
+    reply = text[spans[0][0] : spans[0][1]] if spans else ""
+    closer = reply[reply.find(probe) + len(probe) :] if probe in reply else ""
+    return closer.replace(tokenizer.eos_token or "\0", "").strip()
+
+
+def stream_reply(model: Any, tokenizer: Tokenizer, messages: list[dict[str, str]], **sampling: Any) -> Iterator[str]:
+    """The assistant's next reply as text pieces, generated from the rendered conversation. Stops at eos or at
+    the template's turn closer, which is not shown; sampling as for generate.generate_tokens."""
+    from nomoat.generate import generate_tokens  # the model's code loads only when a reply is wanted
+
+    closer = turn_closer(tokenizer)
+    prompt = tokenizer.encode(render_chat(tokenizer, messages, add_generation_prompt=True))
+    held = ""  # text that might be the start of the closer
+    for piece in decode_stream(tokenizer, generate_tokens(model, prompt, eos_id=tokenizer.eos_id, **sampling)):
+        held += piece
+        if closer and closer in held:
+            yield held[: held.index(closer)]
+            return
+        cut = len(held) - len(closer)
+        if cut > 0:
+            yield held[:cut]
+            held = held[cut:]
+    yield held

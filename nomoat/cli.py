@@ -233,6 +233,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from nomoat.data import ShardSet, check_tokenizer_matches
     from nomoat.eval import evaluate_loss
 
+    if args.compare or args.text or args.task or args.stride:
+        return cmd_eval_report(args)
+    if not args.model or not args.shards:
+        raise UserError("eval: give MODEL and one of --shards, --text, --task; or --compare A.json B.json")
     ckpt = load_checkpoint(args.model, device=args.device)
     shards = ShardSet(args.shards, args.split)
     check_tokenizer_matches(shards.manifest, ckpt.tokenizer, str(ckpt.path / "tokenizer.json"))
@@ -244,6 +248,39 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
     if args.json:
         _print_json(result)
+
+
+def cmd_eval_report(args: argparse.Namespace) -> None:
+    from nomoat.eval.report import compare, evaluate, markdown_table, save_results
+
+    if args.compare:
+        if args.model:
+            raise UserError("eval --compare takes results files only, no MODEL")
+        print(compare(args.compare))
+        return
+    if not args.model:
+        raise UserError("eval: give the MODEL to evaluate")
+    results = evaluate(
+        args.model,
+        texts=args.text or (),
+        tasks=args.task or (),
+        shards=args.shards,
+        split=args.split,
+        window=args.seq_len,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        num_fewshot=args.num_fewshot,
+        seed=args.fewshot_seed,
+        limit=args.limit,
+        overflow=args.overflow,
+        device=args.device,
+    )
+    print(markdown_table([results], [""]), file=sys.stderr)
+    if args.out:
+        paths = save_results(results, args.out)
+        print(f"wrote {paths[0]} and {paths[1]}", file=sys.stderr)
+    if args.json:
+        _print_json(results)
 
 
 def cmd_convert_from_hf(args: argparse.Namespace) -> None:
@@ -378,12 +415,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step: ~10 s once, then faster")
     p.set_defaults(func=cmd_generate)
 
-    p = add("eval", "validation loss and bits per byte of a checkpoint on token shards")
-    p.add_argument("model", help="checkpoint folder or run folder")
-    p.add_argument("--shards", required=True)
+    p = add("eval", "loss and bits per byte on shards or text; zero/few-shot tasks; compare results files")
+    p.add_argument("model", nargs="?", help="checkpoint folder, run folder or Hugging Face folder")
+    p.add_argument("--shards", help="token shards folder (loss and bits per byte of --split)")
     p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--text", nargs="+", help=".txt files (one document each) or .jsonl with a text field")
+    p.add_argument("--task", nargs="+", help="NAME=DATA.jsonl (hellaswag, arc_easy, ...) or TASK.toml[=DATA.jsonl]")
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--fewshot-seed", type=int, default=1234, help="the harness's default, for the same draws")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N items of each task")
+    p.add_argument(
+        "--overflow", default="truncate", choices=["truncate", "skip", "error"], help="items longer than the window"
+    )
+    p.add_argument("--stride", type=int, default=0, help="rolling windows move by this much; 0: the window")
+    p.add_argument("--out", help="write the results as this JSON file and a markdown table beside it")
+    p.add_argument("--compare", nargs="+", metavar="RESULTS", help="print results files side by side")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=0, help="0: the checkpoint's training seq_len")
+    p.add_argument("--seq-len", type=int, default=0, help="0: training seq_len (shards) or the model's context")
     p.add_argument("--max-batches", type=int, default=0, help="0: the whole split")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)

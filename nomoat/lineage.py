@@ -45,6 +45,9 @@ def lineage(path: str | Path) -> dict[str, Any]:
     if (folder / "hf_config.json").is_file():
         hf = json.loads((folder / "hf_config.json").read_text())
         out["base"] = hf.get("_name_or_path") or hf.get("architectures", ["Hugging Face checkpoint"])[0]
+    if cfg.finetune is not None:  # a fine-tuned model: its base is the model it was tuned from
+        out["base"] = cfg.finetune.base
+        out["finetune"] = {"method": cfg.finetune.method, "adapter": (folder / "adapter_config.json").is_file()}
     if (folder / "datasheet.json").is_file():
         sheet = json.loads((folder / "datasheet.json").read_text())
         out["data"] = [
@@ -83,7 +86,8 @@ def format_lineage(info: dict[str, Any]) -> str:
         lines.append(
             f"tokenizer  {info['tokenizer']['vocab_size']:,} tokens, sha256 {info['tokenizer']['sha256'][:16]}"
         )
-    lines.append(f"base       {info['base'] or 'none: trained from scratch'}")
+    tuned = f" ({info['finetune']['method']} fine-tuning)" if info.get("finetune") else ""
+    lines.append(f"base       {info['base'] or 'none: trained from scratch'}{tuned}")
     if not info.get("data"):
         lines.append("data       not recorded")
     for source in info.get("data") or []:

@@ -1,0 +1,452 @@
+"""Fine-tuning: instruction, chat and plain-text records -> masked batches -> the one training loop.
+
+Here: reading records (file:line named on error), encoding them with assistant-only loss masks (chat.py),
+over-long and unscored samples counted, optional packing, a loader whose batch k is a pure function of
+(seed, k), the `finetune()` call that hands train() a Setup (full weights, LoRA, or LoRA over an NF4 base),
+loading a tuned model back, and `merge`. Not here: the loop itself (train.py), LoRA and NF4 (lora.py, quant.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nomoat.chat import encode_chat
+from nomoat.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from nomoat.config import FinetuneConfig, RunConfig, from_dict, read_toml
+from nomoat.errors import UserError
+from nomoat.lora import ADAPTER_CONFIG, add_lora, load_adapter, merge_lora, read_adapter_config, save_adapter
+from nomoat.quant import dequantize_model, quantize_model
+from nomoat.tokenizer import Tokenizer
+
+IGNORE = -100  # target id that cross_entropy skips: prompt tokens and padding
+Row = tuple[list[int], list[int]]  # (inputs, targets) of one training row, targets IGNORE where not scored
+
+
+def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(where, record) for each record: JSONL lines (`file:line`), a JSON array (`file[i]`), or a .txt file as
+    one plain-text record. Malformed JSON is named by file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such data file")
+    if path.suffix == ".txt":
+        yield str(path), {"text": path.read_text(), "window": True}
+        return
+    if path.suffix == ".json":
+        try:
+            records = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(records, list):
+            raise UserError(f"{path}: expected a JSON array of records, got {type(records).__name__}")
+        for i, record in enumerate(records):
+            yield f"{path}[{i}]", record
+        return
+    if path.suffix != ".jsonl":
+        raise UserError(f"{path}: expected a .jsonl, .json or .txt file")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
+def to_messages(record: dict[str, Any]) -> list[dict[str, str]]:
+    """A chat record's messages, or an Alpaca record (instruction, optional input, output) as one exchange."""
+    if "messages" in record:
+        if not isinstance(record["messages"], list):
+            raise UserError("'messages' must be a list of {'role': ..., 'content': ...}")
+        return record["messages"]
+    prompt = record["instruction"]
+    if record.get("input"):
+        prompt = f"{prompt}\n\n{record['input']}"
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+
+
+def encode_record(tokenizer: Tokenizer, record: Any, where: str) -> list[tuple[list[int], list[bool]]]:
+    """Token ids and loss mask of one record (several for a windowed .txt file); errors are prefixed with where."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    try:
+        if "messages" in record or ("instruction" in record and "output" in record):
+            return [encode_chat(tokenizer, to_messages(record))]
+        if isinstance(record.get("text"), str):
+            if tokenizer.eos_id is None:
+                raise UserError("the tokenizer has no eos token to end a document with")
+            ids = tokenizer.encode(record["text"]) + [tokenizer.eos_id]
+            return [(ids, [True] * len(ids))]
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    keys = ", ".join(sorted(record)) or "none"
+    raise UserError(f"{where}: a record needs 'messages', 'instruction' and 'output', or 'text' (it has: {keys})")
+
+
+@dataclass
+class DataStats:
+    """What happened to each record: nothing is dropped without being counted here."""
+
+    records: int = 0
+    rows: int = 0
+    tokens: int = 0
+    scored: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    dropped_unscored: int = 0  # no scored target left, e.g. a reply entirely cut off by truncation
+
+    def line(self) -> str:
+        return (
+            f"{self.records:,} records -> {self.rows:,} rows, {self.tokens:,} tokens ({self.scored:,} scored); "
+            f"{self.truncated} truncated, {self.dropped_overlong} dropped as over-long, "
+            f"{self.dropped_unscored} dropped with nothing to learn"
+        )
+
+
+def _row(ids: list[int], mask: list[bool]) -> Row:
+    """Inputs and shifted targets: token t is scored as the prediction made at position t - 1."""
+    return ids[:-1], [t if m else IGNORE for t, m in zip(ids[1:], mask[1:], strict=True)]
+
+
+def build_rows(
+    tokenizer: Tokenizer, path: str | Path, seq_len: int, overlong: str = "truncate", packing: bool = False
+) -> tuple[list[Row], DataStats]:
+    """Every record of a data file as rows of at most seq_len inputs; packed several to a row if asked."""
+    stats = DataStats()
+    rows: list[Row] = []
+    for where, record in read_records(path):
+        stats.records += 1
+        for ids, mask in encode_record(tokenizer, record, where):
+            if isinstance(record, dict) and record.get("window"):  # a plain .txt file: cut into windows
+                pieces = [(ids[i : i + seq_len + 1], mask[i : i + seq_len + 1]) for i in range(0, len(ids), seq_len)]
+            elif len(ids) > seq_len + 1:
+                if overlong == "drop":
+                    stats.dropped_overlong += 1
+                    continue
+                stats.truncated += 1
+                pieces = [(ids[: seq_len + 1], mask[: seq_len + 1])]
+            else:
+                pieces = [(ids, mask)]
+            for piece_ids, piece_mask in pieces:
+                if len(piece_ids) < 2 or not any(piece_mask[1:]):
+                    stats.dropped_unscored += 1
+                    continue
+                rows.append(_row(piece_ids, piece_mask))
+    if not rows:
+        raise UserError(f"{path}: no sample has a token to learn from ({stats.line()})")
+    if packing:
+        rows = pack(rows, seq_len, tokenizer.eos_id or 0)
+    stats.rows = len(rows)
+    stats.tokens = sum(len(x) for x, _ in rows)
+    stats.scored = sum(sum(t != IGNORE for t in y) for _, y in rows)
+    return rows, stats
+
+
+def pack(rows: list[Row], seq_len: int, pad_id: int) -> list[Row]:
+    """First-fit decreasing: whole samples into rows of seq_len, never split. Each keeps its own targets, so no
+    target crosses from one sample into the next. (Attention still does, within a row, as in most packers.)"""
+    bins: list[Row] = []
+    space: list[int] = []
+    for x, y in sorted(rows, key=lambda r: -len(r[0])):
+        # look at the newest bins only: first fit over all of them is quadratic in the number of samples
+        first = max(0, len(bins) - 64)
+        i = next((j for j in range(first, len(bins)) if space[j] >= len(x)), None)
+        if i is None:
+            bins.append(([], []))
+            space.append(seq_len)
+            i = len(bins) - 1
+        bins[i][0].extend(x)
+        bins[i][1].extend(y)
+        space[i] -= len(x)
+    return bins
+
+
+class RowLoader:
+    """Batches of rows padded to the longest; batch k depends only on (seed, k): rows are visited in a fresh
+    permutation each epoch, so resuming needs only the step. A batch with no scored target is an error."""
+
+    def __init__(self, rows: list[Row], batch_size: int, seed: int, pad_id: int) -> None:
+        self.rows, self.batch_size, self.seed, self.pad_id = rows, batch_size, seed, pad_id
+        self.step = 0
+
+    def __iter__(self) -> RowLoader:
+        return self
+
+    def _index(self, k: int) -> int:
+        epoch, i = divmod(k, len(self.rows))
+        return int(np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))[i])
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.step * self.batch_size
+        picked = [self.rows[self._index(k)] for k in range(first, first + self.batch_size)]
+        self.step += 1
+        return pad_batch(picked, self.pad_id)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "step": self.step, "rows": len(self.rows)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["seed"] != self.seed or state["rows"] != len(self.rows):
+            raise UserError(
+                f"data loader state has seed {state['seed']} and {state['rows']} rows; this run has seed "
+                f"{self.seed} and {len(self.rows)} rows (did the data file change?)"
+            )
+        self.step = int(state["step"])
+
+
+def pad_batch(rows: list[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of shape (B, T) for T the longest row; padding is never scored."""
+    T = max(len(x) for x, _ in rows)
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    for i, (xs, ys) in enumerate(rows):
+        x[i, : len(xs)] = torch.tensor(xs)
+        y[i, : len(ys)] = torch.tensor(ys)
+    if (y == IGNORE).all():
+        raise UserError("a batch has no scored token (its loss mask is all zero): nothing would be learned")
+    return x, y
+
+
+def scored_bytes(tokenizer: Tokenizer, row: Row) -> int:
+    """UTF-8 bytes of a row's scored targets, decoded run by run: the denominator of bits per byte."""
+    total, run = 0, []
+    for t in [*row[1], IGNORE]:
+        if t != IGNORE:
+            run.append(t)
+        elif run:
+            total += len(tokenizer.decode(run).encode())
+            run = []
+    return total
+
+
+@torch.no_grad()
+def masked_loss(
+    forward: Callable[[torch.Tensor], torch.Tensor], tokenizer: Tokenizer, rows: list[Row], batch_size: int = 8
+) -> dict[str, float]:
+    """Mean loss over scored tokens, and bits per byte of their text."""
+    device = next(p for p in _params(forward)).device
+    nats, tokens, nbytes = 0.0, 0, 0
+    for i in range(0, len(rows), batch_size):
+        x, y = pad_batch(rows[i : i + batch_size], tokenizer.eos_id or 0)
+        logits = forward(x.to(device)).float()
+        nats += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
+        tokens += int((y != IGNORE).sum())
+        nbytes += sum(scored_bytes(tokenizer, r) for r in rows[i : i + batch_size])
+    return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(1, nbytes)}
+
+
+def _params(forward: Callable) -> Iterator[torch.nn.Parameter]:
+    module = getattr(forward, "module", forward)  # DDP wraps the model
+    return module.parameters() if isinstance(module, torch.nn.Module) else iter(())
+
+
+def prepare_model(ckpt: Checkpoint, fc: FinetuneConfig, seed: int) -> torch.nn.Module:
+    """The base model made ready for its method: all weights trainable, or frozen under LoRA (over NF4)."""
+    model = ckpt.model.float()
+    if fc.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if fc.method == "qlora":
+        quantize_model(model, fc.double_quant)
+    torch.manual_seed(seed)  # LoRA's A matrices: the same on a resumed run
+    add_lora(model, fc.lora_rank, fc.lora_alpha, fc.lora_dropout, fc.targets)
+    return model
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Any:
+    """Fine-tune cfg.finetune.base on cfg.finetune.data through train(); returns train()'s TrainResult.
+
+    LoRA checkpoints hold a PEFT adapter folder (adapter_config.json, adapter_model.safetensors); full
+    fine-tuning checkpoints hold the whole model. Every checkpoint records its base for `nomoat info`."""
+    from nomoat.train import Setup, pick_device, train
+
+    fc = cfg.finetune
+    if fc is None or not fc.base or not fc.data:
+        raise UserError("finetune.base and finetune.data must be set (nomoat finetune --base MODEL --data FILE)")
+    device = pick_device(cfg.train.device)
+    base = load_checkpoint(fc.base, device=device)
+    if cfg.train.seq_len > base.cfg.model.max_seq_len:
+        raise UserError(
+            f"train.seq_len ({cfg.train.seq_len}) exceeds the base model's context ({base.cfg.model.max_seq_len}); "
+            "set --train.seq_len"
+        )
+    cfg = dataclasses.replace(cfg, model=base.cfg.model)
+    tc = cfg.train
+    tokenizer = base.tokenizer
+    rows, stats = build_rows(tokenizer, fc.data, tc.seq_len, fc.overlong, fc.packing)
+    if progress:
+        print(f"data: {stats.line()}", flush=True)
+    val_rows = build_rows(tokenizer, fc.val_data, tc.seq_len, fc.overlong)[0] if fc.val_data else None
+    model = prepare_model(base, fc, tc.seed)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if progress:
+        print(f"model: {fc.method}, {trainable:,} trainable parameters", flush=True)
+
+    run_dir = Path(tc.out_dir)
+    staged = _stage_base_files(Path(base.path), run_dir / "base_files")
+    data = Path(fc.data)
+    manifest = {
+        "inputs": [{"path": str(data), "sha256": _file_sha256(data), "tokens": stats.tokens}],
+        "finetune": dataclasses.asdict(stats),
+    }
+    export: Callable[[torch.nn.Module, Path], None] | None = None
+    if fc.method != "full":
+        export = lambda m, folder: save_adapter(m, folder, base=fc.base)  # noqa: E731
+    setup = Setup(
+        model=model,
+        loader=RowLoader(rows, tc.batch_size, tc.seed, tokenizer.eos_id or 0),
+        tokenizer=tokenizer,
+        val=(lambda forward: masked_loss(forward, tokenizer, val_rows, tc.batch_size)) if val_rows else None,
+        manifest=manifest,
+        extra_files=staged,
+        **({"export": export} if export else {}),
+    )
+    return train(cfg, resume=resume, progress=progress, setup=setup)
+
+
+def _stage_base_files(base: Path, folder: Path) -> list[Path]:
+    """The base's Hugging Face side files, named as a nomoat checkpoint keeps them, so that a tuned model
+    exports back to the same HF layout (convert to-hf)."""
+    from nomoat.convert.hf import HF_CONFIG, SIDE_FILES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = []
+    config = base / HF_CONFIG if (base / HF_CONFIG).is_file() else base / "config.json"
+    if config.is_file():
+        shutil.copy(config, folder / HF_CONFIG)
+        staged.append(folder / HF_CONFIG)
+    for name in SIDE_FILES:
+        if (base / name).is_file() and name != "chat_template.jinja":  # the tokenizer writes that one itself
+            shutil.copy(base / name, folder / name)
+            staged.append(folder / name)
+    return staged
+
+
+def _resolve(path: str | Path) -> Path:
+    from nomoat.checkpoint import resolve_checkpoint
+
+    path = Path(path)
+    if (path / ADAPTER_CONFIG).is_file():
+        return path
+    return resolve_checkpoint(path)
+
+
+def load_tuned(path: str | Path, adapter: str | Path | None = None, device: str = "cpu") -> Checkpoint:
+    """A model ready for inference: a plain checkpoint or HF folder, that plus a LoRA adapter folder, or a LoRA
+    fine-tuning checkpoint (its base is read from its config). Adapters are merged into the weights."""
+    folder = _resolve(path)
+    if adapter is None and (folder / ADAPTER_CONFIG).is_file():
+        adapter = folder
+        cfg = _finetune_config(folder)
+        if cfg is None:
+            raise UserError(f"{folder}: an adapter folder; give the base model, with --adapter {folder}")
+        ckpt = load_checkpoint(cfg.base, device=device)
+        tokenizer = Tokenizer.load(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
+    else:
+        ckpt = load_checkpoint(folder, device=device)
+        tokenizer = None
+        cfg = _finetune_config(Path(adapter)) if adapter is not None else None
+    if adapter is not None:
+        read_adapter_config(adapter)
+        model = ckpt.model.float()
+        if cfg is not None and cfg.method == "qlora":
+            quantize_model(model, cfg.double_quant)  # the base as the adapter was trained on
+        load_adapter(model, adapter)
+        merge_lora(model)
+        dequantize_model(model)
+        ckpt = dataclasses.replace(ckpt, model=model.eval(), tokenizer=tokenizer or ckpt.tokenizer)
+    return ckpt
+
+
+def _finetune_config(folder: Path) -> FinetuneConfig | None:
+    if not (folder / "config.toml").is_file():
+        return None
+    return from_dict(read_toml(folder / "config.toml"), where=str(folder / "config.toml")).finetune
+
+
+def merge(
+    path: str | Path,
+    out: str | Path,
+    base: str | Path | None = None,
+    requantize: bool = False,
+    data: str | Path | None = None,
+    max_rows: int = 64,
+) -> dict[str, Any]:
+    """Write full weights with a LoRA adapter folded in, as a nomoat checkpoint folder at `out`.
+
+    For a 4-bit base the merge dequantizes and adds the update in fp32; `requantize` snaps the merged weights
+    back onto the NF4 grid (the precision a 4-bit deployment would use). Reports bits per byte on up to
+    max_rows rows of `data` (default: the fine-tuning data) before and after, so that a damaging merge shows."""
+    folder = _resolve(path)
+    fc = _finetune_config(folder)
+    base = base or (fc.base if fc else None)
+    if base is None:
+        raise UserError(f"{folder}: no base model recorded; pass --base MODEL")
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise UserError(f"{folder}: no {ADAPTER_CONFIG}: nothing to merge (full fine-tunes are already merged)")
+    ckpt = load_checkpoint(base)
+    model = ckpt.model.float()
+    qlora = fc is not None and fc.method == "qlora"
+    if qlora:
+        quantize_model(model, fc.double_quant)  # type: ignore[union-attr]
+    load_adapter(model, folder)
+    model.eval()
+    data = data or (fc.data if fc else None)
+    rows = None
+    if data:
+        seq_len = min(ckpt.cfg.train.seq_len, ckpt.cfg.model.max_seq_len)
+        rows = build_rows(ckpt.tokenizer, data, seq_len)[0][:max_rows]
+    before = masked_loss(model, ckpt.tokenizer, rows)["val_bpb"] if rows else None
+    merge_lora(model)
+    dequantize_model(model)
+    if requantize:
+        quantize_model(model, fc.double_quant if fc else True)
+        dequantize_model(model)
+    after = masked_loss(model, ckpt.tokenizer, rows)["val_bpb"] if rows else None
+    cfg = RunConfig(model=ckpt.cfg.model, train=ckpt.cfg.train, finetune=fc)
+    _save_folder(Checkpoint(folder, cfg, model, ckpt.tokenizer, None), Path(base), Path(out))
+    return {
+        "out": str(out),
+        "base": str(base),
+        "requantized": requantize,
+        "bpb_before": before,
+        "bpb_after": after,
+        "bpb_change": None if before is None or after is None else after - before,
+    }
+
+
+def _save_folder(ckpt: Checkpoint, base: Path, out: Path) -> None:
+    """A plain checkpoint folder at out, written beside it and renamed into place."""
+    tmp_root = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_root, ignore_errors=True)
+    try:
+        staged = _stage_base_files(base, tmp_root / "base_files") if base.is_dir() else []
+        folder = save_checkpoint(tmp_root, 0, ckpt.model, ckpt.cfg, ckpt.tokenizer, extra_files=staged)
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(folder, out)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)

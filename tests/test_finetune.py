@@ -1,0 +1,261 @@
+"""Fine-tuning: records to masked rows (bad input named by file and line), packing that keeps targets inside
+their sample, a loader that resumes from its step, and end to end through train(): a tiny model learns to answer
+and stop, LoRA checkpoints resume exactly and hold a PEFT adapter, merging reports bits per byte, CLI errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nomoat.chat import render_chat
+from nomoat.checkpoint import save_checkpoint
+from nomoat.cli import main
+from nomoat.config import FinetuneConfig, ModelConfig, RunConfig, TrainConfig
+from nomoat.errors import UserError
+from nomoat.finetune import IGNORE, RowLoader, build_rows, finetune, load_tuned, merge, pack
+from nomoat.generate import generate_tokens
+from nomoat.model import Transformer
+from nomoat.tokenizer import Tokenizer, train_tokenizer
+
+CHATS = [
+    ("What colour is the sky?", "Blue."),
+    ("What do cows drink?", "Water, mostly."),
+    ("Name a prime number.", "Seven."),
+    ("Say hello.", "Hello there!"),
+]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random LLaMA-style model with a tokenizer that knows ChatML's markers (the default template)."""
+    root = tmp_path_factory.mktemp("ft_base")
+    text = [f"{q} {a} user assistant system" for q, a in CHATS] * 8
+    tok = train_tokenizer(text, 320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    cfg = ModelConfig(
+        vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128, max_seq_len=64,
+        norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, tie_embeddings=False, init="normal",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    run = RunConfig(model=cfg, train=TrainConfig(seq_len=64))
+    return save_checkpoint(root, 0, Transformer(cfg), run, tok)
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def chat_records() -> list[dict]:
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in CHATS]
+
+
+def tok_of(base: Path) -> Tokenizer:
+    return Tokenizer.load(base / "tokenizer.json")
+
+
+def test_record_kinds_and_masks(base: Path, tmp_path: Path) -> None:
+    tok = tok_of(base)
+    alpaca = [{"instruction": "Say hello.", "input": "", "output": "Hello there!"}]
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca))
+    rows, stats = build_rows(tok, tmp_path / "alpaca.json", 64)
+    chat_rows, _ = build_rows(tok, write_jsonl(tmp_path / "chat.jsonl", chat_records()[3:]), 64)
+    assert rows == chat_rows  # an Alpaca record is one user/assistant exchange
+    x, y = rows[0]
+    assert tok.decode([t for t in y if t != IGNORE]) == "Hello there!<|im_end|>\n<|endoftext|>"
+    assert x[: y.index(next(t for t in y if t != IGNORE)) + 1] == tok.encode(
+        render_chat(tok, chat_records()[3]["messages"][:1])
+    )
+    assert stats.records == 1 and stats.rows == 1
+    text_rows, _ = build_rows(tok, write_jsonl(tmp_path / "t.jsonl", [{"text": "Blue sky"}]), 64)
+    assert all(t != IGNORE for t in text_rows[0][1]) and text_rows[0][1][-1] == tok.eos_id
+    (tmp_path / "book.txt").write_text("What colour is the sky? Blue. " * 40)
+    book, stats = build_rows(tok, tmp_path / "book.txt", 16)
+    assert stats.truncated == 0 and len(book) > 4 and all(len(x) <= 16 for x, _ in book)
+
+
+def test_overlong_samples_are_truncated_or_dropped_and_counted(base: Path, tmp_path: Path) -> None:
+    tok = tok_of(base)
+    records = chat_records() + [
+        {"messages": [{"role": "user", "content": "Say hello. " * 30}, {"role": "assistant", "content": "Hi."}]}
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    _, stats = build_rows(tok, path, 32, overlong="truncate")
+    assert (stats.truncated, stats.dropped_overlong, stats.dropped_unscored, stats.rows) == (1, 0, 1, 4)
+    _, stats = build_rows(tok, path, 32, overlong="drop")
+    assert (stats.truncated, stats.dropped_overlong, stats.rows) == (0, 1, 4)
+    assert "1 dropped as over-long" in stats.line()
+
+
+@pytest.mark.parametrize(
+    ("lines", "error"),
+    [
+        (['{"text": "fine"}', "{not json"], r"d\.jsonl:2: not valid JSON"),
+        (['{"messages": [{"role": "bot", "content": "x"}]}'], r"d\.jsonl:1: message 0: unknown role 'bot'"),
+        (
+            ['{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}'],
+            r":1: message 1: role 'user' out of order",
+        ),
+        (['{"prompt": "x"}'], r"d\.jsonl:1: a record needs 'messages'.*\(it has: prompt\)"),
+        (['{"messages": [{"role": "user", "content": "a"}]}'], r":1: the conversation has no assistant turn"),
+    ],
+)
+def test_bad_records_are_named_with_file_and_line(base: Path, tmp_path: Path, lines: list[str], error: str) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=error):
+        build_rows(tok_of(base), path, 64)
+
+
+def test_template_render_errors_are_named(base: Path, tmp_path: Path) -> None:
+    tok = tok_of(base)
+    tok.chat_template = "{{ raise_exception('only one turn, please') }}"
+    with pytest.raises(UserError, match=r"d\.jsonl:1: the chat template failed to render.*only one turn"):
+        build_rows(tok, write_jsonl(tmp_path / "d.jsonl", chat_records()), 64)
+
+
+def test_nothing_to_learn_is_an_error(base: Path, tmp_path: Path) -> None:
+    tok = tok_of(base)
+    long = {"messages": [{"role": "user", "content": "Say hello. " * 40}, {"role": "assistant", "content": "Hi."}]}
+    with pytest.raises(UserError, match="no sample has a token to learn from.*1 dropped with nothing to learn"):
+        build_rows(tok, write_jsonl(tmp_path / "d.jsonl", [long]), 24)
+    loader = RowLoader([([1, 2, 3], [IGNORE, IGNORE, IGNORE])], 2, seed=0, pad_id=0)
+    with pytest.raises(UserError, match="loss mask is all zero"):
+        next(loader)
+
+
+def test_packing_keeps_every_target_inside_its_sample() -> None:
+    rows = [([i] * n, [i + 100] * (n - 1) + [IGNORE]) for i, n in enumerate([5, 3, 7, 2, 6, 4])]
+    packed = pack(rows, 10, pad_id=0)
+    assert sorted(len(x) for x, _ in packed) == [7, 10, 10]  # first fit decreasing: 7+3, 6+4, 5+2
+    for x, y in packed:
+        for pos, (xi, yi) in enumerate(zip(x, y, strict=True)):
+            assert yi in (IGNORE, xi + 100), (pos, x, y)  # every target belongs to the sample of its input
+
+
+def test_loader_batches_are_a_function_of_seed_and_step() -> None:
+    rows = [([i, i + 1], [i + 1, i + 2]) for i in range(10)]
+    a = RowLoader(rows, 3, seed=5, pad_id=0)
+    batches = [next(a) for _ in range(8)]  # more than two epochs
+    seen = torch.cat([x[:, 0] for x, _ in batches[:4]])[:10]
+    assert sorted(seen.tolist()) == list(range(10))  # one epoch visits every row once
+    b = RowLoader(rows, 3, seed=5, pad_id=0)
+    b.load_state_dict({"seed": 5, "step": 5, "rows": 10})
+    for want in batches[5:]:
+        got = next(b)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(UserError, match="did the data file change"):
+        b.load_state_dict({"seed": 5, "step": 1, "rows": 11})
+
+
+def ft_config(base: Path, data: Path, out: Path, **finetune: object) -> RunConfig:
+    train = {"out_dir": str(out), "steps": 60, "batch_size": 4, "seq_len": 48, "lr": 3e-3, "schedule": "constant"}
+    train |= {"warmup_steps": 0, "eval_every": 0, "save_every": 0, "log_every": 5, "seed": 3, "weight_decay": 0.0}
+    train |= finetune.pop("train", {})  # type: ignore[operator]
+    return RunConfig(
+        train=TrainConfig(**train),  # type: ignore[arg-type]
+        finetune=FinetuneConfig(base=str(base), data=str(data), **finetune),  # type: ignore[arg-type]
+    )
+
+
+def answer(model: torch.nn.Module, tok: Tokenizer, question: str) -> tuple[str, bool]:
+    prompt = tok.encode(render_chat(tok, [{"role": "user", "content": question}]))
+    ids = list(generate_tokens(model, prompt, 24, temperature=0, eos_id=tok.eos_id))
+    return tok.decode(ids), len(ids) < 24  # fewer than asked for: it stopped at eos
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_to_answer_and_stop(base: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records())
+    cfg = ft_config(base, data, tmp_path / "run", method="full")
+    result = finetune(cfg, progress=False)
+    assert result.train_loss < 0.05
+    tuned = load_tuned(tmp_path / "run")
+    for q, a in CHATS:
+        text, stopped = answer(tuned.model, tuned.tokenizer, q)
+        assert text == f"{a}<|im_end|>\n" and stopped
+    before, stopped = answer(load_tuned(base).model, tuned.tokenizer, CHATS[0][0])
+    assert not before.startswith("Blue.")
+
+
+@pytest.mark.slow
+def test_lora_run_resumes_exactly_and_merges(base: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records())
+    cfg = ft_config(
+        base,
+        data,
+        tmp_path / "a",
+        method="lora",
+        lora_rank=4,
+        lora_dropout=0.1,
+        train={"steps": 8, "log_every": 1, "lr": 1e-2},
+    )
+    finetune(cfg, progress=False)
+    losses = [json.loads(r)["loss"] for r in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
+    half = ft_config(
+        base,
+        data,
+        tmp_path / "b",
+        method="lora",
+        lora_rank=4,
+        lora_dropout=0.1,
+        train={"steps": 4, "log_every": 1, "lr": 1e-2},
+    )
+    finetune(half, progress=False)
+    again = ft_config(
+        base,
+        data,
+        tmp_path / "b",
+        method="lora",
+        lora_rank=4,
+        lora_dropout=0.1,
+        train={"steps": 8, "log_every": 1, "lr": 1e-2},
+    )
+    result = finetune(again, resume=True, progress=False)
+    resumed = [json.loads(r)["loss"] for r in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    assert resumed == losses
+    ckpt = result.checkpoint
+    assert (ckpt / "adapter_config.json").is_file() and (ckpt / "adapter_model.safetensors").is_file()
+    assert json.loads((ckpt / "adapter_config.json").read_text())["r"] == 4
+    report = merge(ckpt, tmp_path / "merged")
+    assert report["bpb_before"] is not None and abs(report["bpb_change"]) < 1e-4  # an fp32 merge changes nothing
+    merged = load_tuned(tmp_path / "merged")
+    unmerged = load_tuned(ckpt)
+    x = torch.randint(0, 320, (1, 12))
+    torch.testing.assert_close(merged.model(x), unmerged.model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_qlora_trains_merges_and_cli(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records())
+    run = tmp_path / "q"
+    code = main(
+        ["finetune", "--base", str(base), "--data", str(data), "--method", "qlora", "--train.out_dir", str(run),
+         "--train.steps", "6", "--train.seq_len", "48", "--train.batch_size", "2", "--finetune.lora_rank", "4",
+         "--json"]
+    )  # fmt: skip
+    assert code == 0
+    ckpt = json.loads(capsys.readouterr().out.splitlines()[-1])["checkpoint"]
+    assert main(["merge", ckpt, "--out", str(tmp_path / "m"), "--requantize", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert report["requantized"] and report["bpb_change"] is not None
+    assert main(["info", ckpt]) == 0
+    assert f"base       {base} (qlora fine-tuning)" in capsys.readouterr().out
+
+
+def test_cli_bad_input_is_one_line_exit_2(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{oops\n')
+    args = ["finetune", "--base", str(base), "--data", str(data), "--train.out_dir", str(tmp_path / "r")]
+    assert main(args) == 2
+    assert "train.seq_len (256) exceeds the base model's context (64)" in capsys.readouterr().err
+    code = main([*args, "--train.seq_len", "48"])
+    err = capsys.readouterr().err.strip()
+    assert (
+        code == 2
+        and err == f"nomoat: error: {data}:2: not valid JSON (Expecting property name enclosed in double quotes)"
+    )
+    assert main(["finetune", "--base", str(base), "--data", str(data), "--finetune.lora_rnk", "4"]) == 2
+    assert "did you mean 'finetune.lora_rank'" in capsys.readouterr().err
