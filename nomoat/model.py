@@ -228,9 +228,13 @@ class Transformer(nn.Module):
             device = self.embed_tokens.weight.device
             self.rope_cos, self.rope_sin = (t.to(device) for t in rope_tables(cfg, cfg.max_seq_len))
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, cache: KVCache | None = None, logits_at: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, V). With a cache, idx continues the cached sequence; the caller keeps
-        it within cache.max_len (reading cache.pos back to check would stall every step on a device sync)."""
+        it within cache.max_len (reading cache.pos back to check would stall every step on a device sync).
+        logits_at (B,) picks one position per row, giving (B, 1, V): a prefill that needs only each prompt's next
+        token then skips the vocabulary projection of every other position."""
         B, T = idx.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -247,6 +251,8 @@ class Transformer(nn.Module):
             x = layer(x, rope, cache, pos)
         if cache is not None:
             cache.pos += T
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
         return self.lm_head(self.norm(x))  # (B, T, V)
 
     def num_params(self, non_embedding: bool = False) -> int:

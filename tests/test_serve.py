@@ -53,9 +53,9 @@ def tiny_model(seed: int = 0) -> Transformer:
 class SlowModel(Transformer):
     """A model whose every step takes 20 ms more, so that a request outlives a cancellation by a wide margin."""
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, *args, **kwargs) -> torch.Tensor:
         time.sleep(0.02)
-        return super().forward(idx, cache)
+        return super().forward(*args, **kwargs)
 
 
 def start(app) -> Iterator[Server]:
@@ -225,7 +225,8 @@ def test_32_concurrent_streams_equal_each_alone(server):
 
 
 def test_batched_decoding_equals_alone_in_the_engine():
-    """Per-row KV positions: three prompts of different lengths decoded as one batch equal full forwards."""
+    """Per-row KV positions: three prompts of different lengths decoded as one batch equal full forwards; the
+    logits of chosen positions equal those of the full forward."""
     model = tiny_model()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
     cache = KVCache(CFG, 4, CFG.max_seq_len)
@@ -244,6 +245,9 @@ def test_batched_decoding_equals_alone_in_the_engine():
             logits = model(torch.tensor([[s[-1]] for s in seqs]), cache=cache.narrow(3, 16))
             for i, s in enumerate(seqs):
                 s.append(int(logits[i, -1].argmax()))
+        padded = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]])
+        picked = model(padded, logits_at=torch.tensor([2, 3]))
+        torch.testing.assert_close(picked[:, 0], model(padded)[[0, 1], [2, 3]])
         for s, p in zip(seqs, prompts, strict=True):
             ref = list(p)
             for _ in range(7):

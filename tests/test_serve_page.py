@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nomoat.config import ModelConfig
-from nomoat.model import KVCache, Transformer
+from nomoat.model import Transformer
 from nomoat.serve.app import build_app, running
 from nomoat.tokenizer import Tokenizer
 
@@ -25,9 +25,9 @@ pytestmark = pytest.mark.skipif(
 class PacedModel(Transformer):
     """10 ms a step, so that tokens reach the page one by one rather than in one network read."""
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, *args, **kwargs) -> torch.Tensor:
         time.sleep(0.01)
-        return super().forward(idx, cache)
+        return super().forward(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")

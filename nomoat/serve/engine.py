@@ -209,8 +209,8 @@ class Engine:
         for i, seq in enumerate(seqs):
             ids[i, : lengths[i]] = torch.tensor(seq.prompt)
         scratch = KVCache(self.model.cfg, len(seqs), T, device=self.device, dtype=self.cache.k[0].dtype)
-        logits = self.model(ids.to(self.device), cache=scratch)  # (B, T, V)
-        last = logits[torch.arange(len(seqs)), torch.tensor(lengths) - 1]  # (B, V)
+        last = torch.tensor(lengths, device=self.device) - 1
+        logits = self.model(ids.to(self.device), cache=scratch, logits_at=last)[:, 0]  # (B, V)
         for layer in range(len(self.cache.k)):
             for i, seq in enumerate(seqs):
                 self.cache.k[layer][seq.slot, :, : lengths[i]] = scratch.k[layer][i, :, : lengths[i]]
@@ -218,7 +218,7 @@ class Engine:
         for i, seq in enumerate(seqs):
             seq.pos = lengths[i]
             seq.decoder = DecodeStream(self.tokenizer)
-        self._sample(seqs, last)
+        self._sample(seqs, logits)
 
     def _decode(self) -> None:
         """One token for every live slot: a batch over the first rows up to the last live one."""
