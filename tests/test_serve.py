@@ -169,6 +169,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, 400),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user"}], "max_completion_tokens": 0}, 400),
     ("/v1/chat/completions", {"model": NAME, "messages": "hello"}, 400),
+    ("/v1/completions", {"model": NAME, "prompt": "a", "logprobs": 1, "echo": True, "max_tokens": 1}, 400),
     ("/v1/nothing", {}, 404),
     ("/v1/completions", b"x" * (2 << 20), 413),
 ]

@@ -84,6 +84,8 @@ class SamplingRequest(BaseModel):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None  # declared only to refuse them: see unsupported()
+    echo: bool | None = None
 
 
 class TextPart(BaseModel):
@@ -101,6 +103,8 @@ class ChatMessage(BaseModel):
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
 
 
 class Guard:
@@ -215,6 +219,13 @@ def build_app(
             seed=body.seed,
             stop=tuple(s for s in stops if s),
         )
+
+    def unsupported(body: BaseModel, *names: str) -> None:
+        """Refuse, rather than silently ignore, what a client would rely on (lm-eval's loglikelihood needs
+        logprobs and echo)."""
+        for name in names:
+            if getattr(body, name):
+                raise APIError(400, f"{name} is not supported by this server", name, "unsupported_parameter")
 
     def encode(text: str, param: str) -> list[int]:
         try:
@@ -336,6 +347,7 @@ def build_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
+        unsupported(body, "logprobs", "echo")
         p = body.prompt
         if isinstance(p, str):
             raw = [encode(p, "prompt")]
@@ -369,6 +381,7 @@ def build_app(
         from nomoat.chat import render_chat
 
         check_model(body.model)
+        unsupported(body, "logprobs", "tools")
         messages = [
             {
                 "role": m.role,
