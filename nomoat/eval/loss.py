@@ -1,4 +1,4 @@
-"""Held-out loss and bits per byte over a token split.
+"""Held-out loss, perplexity and bits per byte: over a token split, or over text with rolling windows.
 
 Bits per byte divides the summed negative log-likelihood by the UTF-8 bytes of the text it covers, so models
 with different tokenizers compare fairly (the nanochat and nanoGPT figures are in these units).
@@ -6,13 +6,19 @@ with different tokenizers compare fairly (the nanochat and nanoGPT figures are i
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from nomoat.data import ShardSet, iter_eval_batches
+from nomoat.errors import UserError
+from nomoat.eval.lm import document_nll, rolling_nll
 from nomoat.model import Transformer
+from nomoat.tokenizer import Tokenizer
 
 
 @torch.no_grad()
@@ -46,3 +52,71 @@ def evaluate_loss(
         "val_bpb": total_nats / math.log(2) / bytes_covered,
         "val_tokens": float(total_tokens),
     }
+
+
+def _documents(path: Path) -> Iterator[str]:
+    """A .txt file is one document; a .jsonl file holds one {"text": ...} per line."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    if path.suffix != ".jsonl":
+        yield path.read_text(encoding="utf-8")
+        return
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                raise UserError(f"{path}:{line_no}: missing field 'text'")
+            yield doc["text"]
+
+
+def _summary(nats: float, tokens: int, n_bytes: float) -> dict[str, float]:
+    loss = nats / tokens
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": nats / math.log(2) / n_bytes,
+        "tokens": float(tokens),
+        "bytes": float(n_bytes),
+    }
+
+
+def evaluate_text(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    paths: Sequence[str | Path],
+    window: int = 0,
+    stride: int = 0,
+    batch_size: int = 4,
+) -> dict[str, float]:
+    """Loss, perplexity and bits per byte over .txt/.jsonl documents, each scored from an end-of-text token with
+    rolling windows (window 0: the model's context; stride 0: the window, the harness's loglikelihood_rolling)."""
+    window = window or model.cfg.max_seq_len
+    stride = stride or window
+    if window > model.cfg.max_seq_len or not 0 < stride <= window:
+        raise UserError(f"need 0 < stride <= window <= {model.cfg.max_seq_len}, got window {window}, stride {stride}")
+    if tokenizer.eos_id is None:
+        raise UserError("the tokenizer has no end-of-text token to begin each document with")
+    nats, tokens, n_bytes = 0.0, 0, 0
+    for path in paths:
+        for doc in _documents(Path(path)):
+            ids = tokenizer.encode(doc)
+            doc_nats, doc_tokens = document_nll(model, ids, tokenizer.eos_id, window, stride, batch_size)
+            nats, tokens, n_bytes = nats + doc_nats, tokens + doc_tokens, n_bytes + len(doc.encode("utf-8"))
+    if not tokens:
+        raise UserError(f"{', '.join(map(str, paths))}: no text to score (empty)")
+    return _summary(nats, tokens, n_bytes)
+
+
+def evaluate_shards(
+    model: Transformer, shards: ShardSet, window: int, stride: int, batch_size: int = 4
+) -> dict[str, float]:
+    """evaluate_text over a token split's stream: every token but the first is predicted once."""
+    if window > model.cfg.max_seq_len or not 0 < stride <= window:
+        raise UserError(f"need 0 < stride <= window <= {model.cfg.max_seq_len}, got window {window}, stride {stride}")
+    nats, tokens = rolling_nll(model, lambda a, b: shards.read(a, b - a), shards.tokens, window, stride, batch_size)
+    return _summary(nats, tokens, shards.bytes * tokens / shards.tokens)

@@ -1,0 +1,164 @@
+"""Scoring token sequences: continuation log-likelihoods and rolling-window negative log-likelihood.
+
+The semantics are lm-evaluation-harness's (`_loglikelihood_tokens`, `loglikelihood_rolling`), so the numbers agree;
+the speed comes from running a shared context once for all its continuations (a KV cache copied per choice) and
+from applying the output head only at the positions that are scored. Task formats live in `tasks.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nomoat.model import KVCache, Transformer
+
+Request = tuple[Sequence[int], Sequence[int]]  # (context token ids, continuation token ids)
+
+
+@contextmanager
+def _head_detached(model: Transformer) -> Iterator[nn.Module]:
+    """The model returns final hidden states (B, T, C) inside the block; the head it yields makes logits of them.
+
+    Scoring needs logits only where a continuation token is predicted; computing the (T, V) head everywhere is a
+    large share of a small model's work and memory."""
+    head = model.lm_head
+    model.lm_head = nn.Identity()
+    try:
+        yield head
+    finally:
+        model.lm_head = head
+
+
+def _logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[float, bool]:
+    """Summed log-probability of targets (T,) after hidden (T, C), and whether each was the argmax."""
+    logp = F.log_softmax(head(hidden).float(), dim=-1)  # (T, V)
+    ll = logp.gather(-1, targets[:, None]).sum().item()
+    return ll, bool((logp.argmax(-1) == targets).all())
+
+
+@torch.no_grad()
+def score_requests(
+    model: Transformer, requests: Sequence[Request], window: int | None = None
+) -> list[tuple[float, bool]]:
+    """(log-likelihood, is_greedy) of each continuation given its context, as the harness computes them.
+
+    Requests sharing a context run it once. When context + continuation exceed the window (default: the model's
+    context), the input is cut from the left as the harness does: (context + continuation)[-(window + 1):][:-1]."""
+    window = min(window or model.cfg.max_seq_len, model.cfg.max_seq_len)
+    device = model.embed_tokens.weight.device
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, cont) in enumerate(requests):
+        if not ctx or not cont:
+            raise ValueError(f"request {i}: context and continuation must both hold tokens")
+        groups.setdefault(tuple(ctx), []).append(i)
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    was_training = model.training
+    model.eval()
+    with _head_detached(model) as head:
+        for ctx, members in groups.items():
+            conts = [list(requests[i][1]) for i in members]
+            longest = max(len(c) for c in conts)
+            if len(ctx) + longest - 1 <= window:
+                for i, result in zip(members, _score_shared(model, head, list(ctx), conts, device), strict=True):
+                    out[i] = result
+                continue
+            for i, cont in zip(members, conts, strict=True):
+                inp = (list(ctx) + cont)[-(window + 1) :][:-1]
+                hidden = model(torch.tensor([inp], device=device))[0, -len(cont) :]  # (m, C)
+                out[i] = _logprobs(head, hidden, torch.tensor(cont, device=device))
+    model.train(was_training)
+    return out
+
+
+def _score_shared(
+    model: Transformer, head: nn.Module, ctx: list[int], conts: list[list[int]], device: torch.device
+) -> list[tuple[float, bool]]:
+    """One forward over the context into a KV cache, then one over all continuations, each row a copy of it."""
+    n, longest, rows = len(ctx), max(len(c) for c in conts), len(conts)
+    dtype = model.embed_tokens.weight.dtype
+    prefix = KVCache(model.cfg, 1, n, device=device, dtype=dtype)
+    last = model(torch.tensor([ctx], device=device), cache=prefix)[0, -1:]  # (1, C): predicts each cont[0]
+    tails = None
+    if longest > 1:
+        cache = KVCache(model.cfg, rows, n + longest - 1, device=device, dtype=dtype)
+        for dst, src in zip(cache.k + cache.v, prefix.k + prefix.v, strict=True):
+            dst[:, :, :n] = src
+        cache.pos.fill_(n)
+        # right padding: a pad token only ever precedes positions that are not read
+        batch = torch.zeros(rows, longest - 1, dtype=torch.long, device=device)
+        for r, cont in enumerate(conts):
+            batch[r, : len(cont) - 1] = torch.tensor(cont[:-1])
+        tails = model(batch, cache=cache)  # (rows, longest - 1, C)
+    results = []
+    for r, cont in enumerate(conts):
+        hidden = last if tails is None else torch.cat([last, tails[r, : len(cont) - 1]])
+        results.append(_logprobs(head, hidden, torch.tensor(cont, device=device)))
+    return results
+
+
+def rolling_windows(n: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """Windows (start, end, scored) over a sequence of n tokens that predict each of positions 1..n-1 once.
+
+    The model reads seq[start:end] and the last `scored` predictions count. The first window predicts everything
+    it sees; each next one moves by at most `stride` and keeps up to window - stride tokens of context. With
+    stride == window this is exactly lm-evaluation-harness's `loglikelihood_rolling` (its context_len is
+    window - stride + 1)."""
+    if not 0 < stride <= window:
+        raise ValueError(f"stride must be in 1..window ({window}), got {stride}")
+    first = min(window, n - 1)
+    if first <= 0:
+        return
+    yield 0, first, first
+    predicted = first
+    while predicted < n - 1:
+        step = min(n - 1 - predicted, stride)
+        end = predicted + step
+        yield end - window, end, step
+        predicted = end
+
+
+@torch.no_grad()
+def rolling_nll(
+    model: Transformer,
+    read: Callable[[int, int], Sequence[int]],
+    n: int,
+    window: int,
+    stride: int,
+    batch_size: int = 4,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) and count of positions 1..n-1 of a sequence read(start, end)."""
+    device = model.embed_tokens.weight.device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    spans = list(rolling_windows(n, window, stride))
+    with _head_detached(model) as head:
+        for b in range(0, len(spans), batch_size):
+            chunk = spans[b : b + batch_size]
+            longest = max(end - start for start, end, _ in chunk)
+            inputs = torch.zeros(len(chunk), longest, dtype=torch.long, device=device)
+            targets = []
+            for r, (start, end, scored) in enumerate(chunk):
+                seq = torch.as_tensor(read(start, end + 1), dtype=torch.long)
+                inputs[r, : end - start] = seq[:-1]
+                targets.append(seq[-scored:])
+            hidden = model(inputs)  # (B, T, C)
+            for r, (start, end, scored) in enumerate(chunk):
+                rows = hidden[r, end - start - scored : end - start]
+                logits = head(rows).float()
+                total += F.cross_entropy(logits, targets[r].to(device), reduction="sum").item()
+                count += scored
+    model.train(was_training)
+    return total, count
+
+
+def document_nll(
+    model: Transformer, tokens: Sequence[int], prefix_id: int, window: int, stride: int, batch_size: int = 4
+) -> tuple[float, int]:
+    """rolling_nll of a document's tokens, the first predicted from prefix_id (end-of-text, as the harness does)."""
+    seq = [prefix_id, *tokens]
+    return rolling_nll(model, lambda a, b: seq[a:b], len(seq), window, stride, batch_size)
