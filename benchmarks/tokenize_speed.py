@@ -33,7 +33,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--train-chars", type=int, default=300_000, help="slice the tokenizer is trained on")
     p.add_argument("--threads", type=int, default=2, help="RAYON_NUM_THREADS for the Rust tokenizer")
-    p.add_argument("--repeats", type=int, default=2, help="best of this many timed runs per side")
+    p.add_argument("--repeats", type=int, default=3, help="best of this many timed runs per side")
     p.add_argument("--profile", action="store_true", help="print where the builder's time goes")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return p.parse_args()
@@ -67,13 +67,16 @@ def batches(corpus: Path, chunked: bool) -> list[list[str]]:
     return [b for b in out if b]
 
 
-def best_of(repeats: int, fn: Callable[[], None]) -> float:
-    times = []
+def best_of(repeats: int, *fns: Callable[[], None]) -> list[float]:
+    """Each function's best time over `repeats` rounds; rounds alternate the functions, so that load from other
+    processes on a shared machine falls on both sides alike rather than on whichever ran during it."""
+    times = [float("inf")] * len(fns)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[k] = min(times[k], time.perf_counter() - t0)
+    return times
 
 
 def main() -> None:
@@ -103,8 +106,7 @@ def main() -> None:
             build_shards([corpus], tokenizer, root / "shards", progress=False)
 
         build()  # warm-up: page cache, tokenizer word cache, thread pool
-        t_bare = best_of(args.repeats, bare)
-        t_build = best_of(args.repeats, build)
+        t_bare, t_build = best_of(args.repeats, bare, build)
         ratio = t_bare / t_build
         print(f"bare tokenizers encode_batch: {mb / t_bare:.1f} MB/s ({sum(map(len, texts))} pieces)")
         print(f"nomoat build_shards:          {mb / t_build:.1f} MB/s")

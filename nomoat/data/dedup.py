@@ -175,6 +175,22 @@ def _band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys
 
 
+@dataclass(frozen=True)
+class Fingerprints:
+    """What the keep-first pass needs of a batch of documents, computed from each alone (so in any process)."""
+
+    digests: list[bytes]  # of the normalised text, for exact matches
+    sigs: np.ndarray  # (N, num_perm) MinHash signatures
+    keys: np.ndarray  # (N, bands) LSH band keys
+
+
+def fingerprints(texts: Sequence[str], cfg: DedupConfig) -> Fingerprints:
+    normed = [normalize(t) for t in texts]
+    sig = _signatures([t.split() for t in normed], cfg)
+    digests = [hashlib.blake2b(t.encode(), digest_size=16).digest() for t in normed]
+    return Fingerprints(digests, sig, _band_keys(sig, *cfg.band_rows))
+
+
 class Deduplicator:
     """Feed documents in order; each is kept unless it is an exact or near duplicate of an earlier kept one.
 
@@ -200,16 +216,14 @@ class Deduplicator:
 
         Greedy and online, so the result does not depend on how a stream is cut into batches.
         """
-        if not texts:
-            return []
-        normed = [normalize(t) for t in texts]
-        words = [t.split() for t in normed]
-        sig = _signatures(words, self.cfg)
-        keys = _band_keys(sig, self.bands, self.rows).tolist()
+        return self.add_fingerprints(doc_ids, fingerprints(texts, self.cfg)) if texts else []
+
+    def add_fingerprints(self, doc_ids: Sequence[int], fp: Fingerprints) -> list[int | None]:
+        """As `add_batch`, for fingerprints computed elsewhere (worker processes) with this deduplicator's cfg."""
+        sig, keys = fp.sigs, fp.keys.tolist()
         out: list[int | None] = []
-        for i, doc_id in enumerate(doc_ids):
+        for i, (doc_id, digest) in enumerate(zip(doc_ids, fp.digests, strict=True)):
             self.stats["documents"] += 1
-            digest = hashlib.blake2b(normed[i].encode(), digest_size=16).digest()
             if (match := self._digests.get(digest)) is not None:
                 self.stats["exact_duplicates"] += 1
             elif (slot := self._near_match(sig[i], keys[i])) is not None:

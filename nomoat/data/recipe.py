@@ -7,8 +7,8 @@ or shuffling across sources (the loader samples windows at random).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import functools
 import glob
 import hashlib
 import json
@@ -16,7 +16,7 @@ import multiprocessing
 import os
 import typing
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,17 +24,26 @@ from typing import Any, Literal
 from tqdm import tqdm
 
 from nomoat.config import _check_value, _unknown, read_toml
-from nomoat.data.build import BadLineLog, _input_files, _input_sha256, load_manifest, read_records, write_shards
+from nomoat.data.build import (
+    BadLineLog,
+    _input_files,
+    _input_sha256,
+    encode_documents,
+    load_manifest,
+    read_records,
+    write_shards,
+)
 from nomoat.data.clean import FilterConfig, check, normalize, strip_gutenberg
 from nomoat.data.decontaminate import Decontaminator, load_eval_files
-from nomoat.data.dedup import DedupConfig, Deduplicator
+from nomoat.data.dedup import DedupConfig, Deduplicator, Fingerprints, fingerprints
 from nomoat.data.loader import ShardSet
 from nomoat.errors import UserError
 from nomoat.tokenizer import Tokenizer
 
 Format = Literal["txt", "jsonl", "jsonl.zst", "jsonl.gz", "parquet"]
+Engine = Literal["local", "ray"]
 _MD_FILES = 20  # input files listed per source in datasheet.md; datasheet.json lists them all
-_DEDUP_BATCH = 1024  # documents hashed per vectorised MinHash call; the result does not depend on it
+BATCH_DOCS = 1024  # documents per worker call and vectorised MinHash; the result does not depend on it
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +53,8 @@ class CorpusConfig:
     seed: int = 0  # salts the hash that picks which documents a fractional weight repeats
     shard_tokens: int = 100_000_000
     workers: int = 0  # processes that normalise and filter documents; 0: one per core. Output does not depend on it.
+    engine: Engine = "local"  # "ray": the same stages on Ray (ray_engine.py); the same output
+    ray_address: str = ""  # a Ray cluster to join ("ray://host:10001", "auto"); "": start a local Ray
 
     def __post_init__(self) -> None:
         if not 0 <= self.val_fraction < 1:
@@ -186,6 +197,111 @@ def _lookup(record: dict, dotted: str) -> Any:
     return value
 
 
+@dataclass
+class RawBatch:
+    """Documents of one file that passed meta_filter, in order, and what reading them counted."""
+
+    texts: list[str]
+    documents: int = 0  # records read, before meta_filter
+    bytes: int = 0  # UTF-8 bytes of their text
+    meta_filtered: int = 0
+    bad_lines: list[str] = field(default_factory=list)  # "path:line: reason" of each JSON line skipped
+    progress: int = 0  # bytes of the file read since the previous batch
+
+
+def read_batches(file: Path, source: Source, strict: bool, size: int = BATCH_DOCS) -> Iterator[RawBatch]:
+    """A source file's documents in batches of `size`; with `strict`, a bad JSON line is a UserError."""
+    batch, read = RawBatch([]), 0
+
+    def skip(message: str) -> None:
+        batch.bad_lines.append(message)
+
+    for record, pos in read_records(file, source.format, source.text_field, None if strict else skip):
+        batch.progress += pos - read
+        read = pos
+        text = record[source.text_field]
+        batch.documents += 1
+        batch.bytes += len(text.encode())
+        if any(_lookup(record, k) != v for k, v in source.meta_filter):
+            batch.meta_filtered += 1
+        else:
+            batch.texts.append(text)
+        if len(batch.texts) == size:
+            yield batch
+            batch = RawBatch([])
+    if batch.documents or batch.bad_lines:
+        yield batch
+
+
+@dataclass
+class Prepared:
+    """A batch after the stages that look at one document at a time; `passed` indexes the batch's survivors."""
+
+    read: RawBatch  # the reading counts, without the texts
+    drops: list[str]  # the quality rule each dropped document failed
+    fingerprints: Fingerprints | None  # of the passed documents; None without dedup
+    contaminated: list[list[str]]  # per passed document, the eval items it shares an n-gram with
+    copies: list[int]  # per passed document, how often its source's weight repeats it
+
+
+class Preparer:
+    """normalize, strip_gutenberg, the quality filter, dedup fingerprints, contamination and copies: everything
+    that needs no other document, so it runs in worker processes (or Ray actors) in any order."""
+
+    def __init__(self, recipe: Recipe, decon: Decontaminator | None) -> None:
+        self.recipe, self.decon = recipe, decon
+
+    def __call__(self, raw: RawBatch, weight: float) -> tuple[Prepared, list[str]]:
+        """The batch's summary for the keep-first pass, and the normalised texts of the documents that passed."""
+        recipe, passed, drops = self.recipe, [], []
+        for text in raw.texts:
+            text = normalize(text)
+            text = strip_gutenberg(text) if recipe.strip_gutenberg else text
+            if rule := check(text, recipe.clean):
+                drops.append(rule)
+            else:
+                passed.append(text)
+        prepared = Prepared(
+            read=dataclasses.replace(raw, texts=[]),
+            drops=drops,
+            fingerprints=fingerprints(passed, recipe.dedup) if recipe.dedup is not None and passed else None,
+            contaminated=[self.decon.contaminated_by(t) if self.decon else [] for t in passed],
+            copies=[_copies(t, weight, recipe.corpus.seed) for t in passed],
+        )
+        return prepared, passed
+
+
+def keep(prepared: Prepared, report: dict, dedup: Deduplicator | None, log: BadLineLog) -> list[tuple[int, int]]:
+    """The keep-first pass over one prepared batch, in corpus order: (index into the passed documents, copies) of
+    each document kept. Counts everything read and dropped into the source's `report`."""
+    read = prepared.read
+    report["documents_in"] += read.documents
+    report["bytes_in"] += read.bytes
+    report["meta_filtered"] += read.meta_filtered
+    report["bad_lines"] += len(read.bad_lines)
+    for message in read.bad_lines:
+        log(message)
+    report["filter_drops"].update(prepared.drops)
+    matches: list[int | None] = [None] * len(prepared.copies)
+    if dedup is not None and prepared.fingerprints is not None:
+        before = dict(dedup.stats)
+        first = before["documents"]
+        matches = dedup.add_fingerprints(range(first, first + len(matches)), prepared.fingerprints)
+        for key in ("exact_duplicates", "near_duplicates"):
+            report[key] += dedup.stats[key] - before[key]
+    kept = []
+    for k, (match, ids, copies) in enumerate(zip(matches, prepared.contaminated, prepared.copies, strict=True)):
+        if match is not None:
+            continue
+        if ids:
+            report["contaminated"] += 1
+            report["contaminated_by"].update(ids)
+            continue
+        report["unique_documents_out"] += 1
+        kept.append((k, copies))
+    return kept
+
+
 def _copies(text: str, weight: float, seed: int) -> int:
     """floor(weight) copies, plus one more for a fraction of documents picked by a hash of their content."""
     whole, frac = divmod(weight, 1.0)
@@ -214,98 +330,54 @@ def _new_report(source: Source, files: list[Path], root: Path) -> dict:
     }
 
 
+@dataclass
+class Plan:
+    """A loaded recipe with its files, the datasheet reports both engines count into, and the shared state."""
+
+    recipe: Recipe
+    files: list[list[Path]]  # per source
+    reports: list[dict]  # per source
+    preparer: Preparer
+    dedup: Deduplicator | None  # the keep-first state; lives in the driving process
+    tokenizer: Tokenizer
+    log: BadLineLog
+    strict: bool
+    read_all: bool = False  # set once every document was read, so a reading error is not taken for "none kept"
+
+
 def build_corpus(
-    recipe_path: str | Path, out_dir: str | Path, progress: bool = True, strict: bool = False, force: bool = False
+    recipe_path: str | Path,
+    out_dir: str | Path,
+    progress: bool = True,
+    strict: bool = False,
+    force: bool = False,
+    engine: Engine | None = None,
+    ray_address: str | None = None,
 ) -> dict:
     """Build a recipe into shards, manifest.json, datasheet.json, datasheet.md and mixture.png in `out_dir`.
 
     Sources stream in recipe order through meta_filter, normalize (+ strip_gutenberg), the quality filter, one
     exact + near Deduplicator across all sources (so an earlier source wins a duplicate), decontamination, then
-    repetition by weight. Same recipe and inputs give byte-identical files. Returns the datasheet. A JSON line
-    that does not parse is skipped with a warning and counted in its source's `bad_lines`, or, with `strict`,
-    stops the build. A rerun whose recipe, tokenizer and input bytes are unchanged returns the finished
+    repetition by weight. Same recipe and inputs give byte-identical files, on either engine (`engine` and
+    `ray_address` override the recipe's corpus.engine and corpus.ray_address). Returns the datasheet. A JSON
+    line that does not parse is skipped with a warning and counted in its source's `bad_lines`, or, with
+    `strict`, stops the build. A rerun whose recipe, tokenizer and input bytes are unchanged returns the finished
     datasheet without rebuilding, unless `force`.
     """
     recipe = load_recipe(recipe_path)
+    engine = engine or recipe.corpus.engine
     tokenizer = Tokenizer.load(recipe.resolve(recipe.corpus.tokenizer))
     files = [_source_files(recipe, s) for s in recipe.sources]  # fails fast on a missing source
     decon = None
-    if recipe.decontaminate is not None:
-        paths = [recipe.resolve(p) for p in recipe.decontaminate.eval_files]
-        items = load_eval_files(paths, recipe.decontaminate.text_field)
-        decon = Decontaminator(items, recipe.decontaminate.n)
-    dedup = Deduplicator(recipe.dedup) if recipe.dedup is not None else None
-    reports = [_new_report(s, fs, recipe.root) for s, fs in zip(recipe.sources, files, strict=True)]
     eval_paths = [recipe.resolve(p) for p in recipe.decontaminate.eval_files] if recipe.decontaminate else []
+    if recipe.decontaminate is not None:
+        decon = Decontaminator(load_eval_files(eval_paths, recipe.decontaminate.text_field), recipe.decontaminate.n)
+    reports = [_new_report(s, fs, recipe.root) for s, fs in zip(recipe.sources, files, strict=True)]
     fingerprint = _fingerprint(Path(recipe_path), tokenizer, reports, eval_paths)
     if not force and (done := _finished(Path(out_dir), fingerprint)) is not None:
         return done  # a rerun over the same recipe, tokenizer and input bytes would write the same files
-
-    def survivors(i: int, batch: list[str]) -> list[str]:
-        """Dedup then decontaminate one batch of cleaned documents of source i."""
-        report = reports[i]
-        if dedup is not None:
-            before = dict(dedup.stats)
-            first = before["documents"]
-            matches = dedup.add_batch(range(first, first + len(batch)), batch)
-            kept = [t for t, m in zip(batch, matches, strict=True) if m is None]
-            for key in ("exact_duplicates", "near_duplicates"):
-                report[key] += dedup.stats[key] - before[key]
-            batch = kept
-        if decon is not None:
-            clean = []
-            for text in batch:
-                if ids := decon.contaminated_by(text):
-                    report["contaminated"] += 1
-                    report["contaminated_by"].update(ids)
-                else:
-                    clean.append(text)
-            batch = clean
-        report["unique_documents_out"] += len(batch)
-        return batch
-
-    log = BadLineLog()
-    read_all = False  # so a reading error is not mistaken for an empty result below
-
-    def documents(bar: tqdm) -> Iterator[tuple[int, str]]:
-        nonlocal read_all
-        for i, source in enumerate(recipe.sources):
-            report, batch = reports[i], []
-
-            def skip(message: str, report: dict = report) -> None:
-                report["bad_lines"] += 1
-                log(message)
-
-            def cleaned(raw: list[str], report: dict = report) -> list[str]:
-                """Normalise and filter in the worker processes; results come back in input order."""
-                out = []
-                for text, rule in pool_map(clean_one, raw):
-                    if rule:
-                        report["filter_drops"][rule] += 1
-                    else:
-                        out.append(text)
-                return out
-
-            for file in files[i]:
-                read = 0
-                for record, pos in read_records(file, source.format, source.text_field, None if strict else skip):
-                    bar.update(pos - read)
-                    read = pos
-                    text = record[source.text_field]
-                    report["documents_in"] += 1
-                    report["bytes_in"] += len(text.encode())
-                    if any(_lookup(record, k) != v for k, v in source.meta_filter):
-                        report["meta_filtered"] += 1
-                        continue
-                    batch.append(text)
-                    if len(batch) == _DEDUP_BATCH:
-                        for kept in survivors(i, cleaned(batch)):
-                            yield from [(i, kept)] * _copies(kept, source.weight, recipe.corpus.seed)
-                        batch = []
-            for kept in survivors(i, cleaned(batch)) if batch else []:
-                yield from [(i, kept)] * _copies(kept, source.weight, recipe.corpus.seed)
-        read_all = True
-
+    dedup = Deduplicator(recipe.dedup) if recipe.dedup is not None else None
+    plan = Plan(recipe, files, reports, Preparer(recipe, decon), dedup, tokenizer, BadLineLog(), strict)
     records = [{"path": r["name"], "sha256": _combined_sha256(r["files"])} for r in reports]
 
     def finish(folder: Path, manifest: dict) -> None:
@@ -315,19 +387,18 @@ def build_corpus(
         _plot_mixture(sheet, folder / "mixture.png")
 
     total = sum(f.stat().st_size for fs in files for f in fs)
-    clean_one = functools.partial(_clean_document, cfg=recipe.clean, gutenberg=recipe.strip_gutenberg)
-    workers = recipe.corpus.workers or os.cpu_count() or 1
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
-
-    def pool_map(fn: Callable[[str], tuple[str, str | None]], texts: list[str]) -> list[tuple[str, str | None]]:
-        if pool is None:
-            return list(map(fn, texts))
-        return pool.map(fn, texts, chunksize=max(1, len(texts) // (4 * workers)))
-
     with tqdm(total=total, unit="B", unit_scale=True, disable=not progress) as bar:
         try:
+            if engine == "ray":
+                from nomoat.data.ray_engine import encode_on_ray  # Ray is an optional dependency
+
+                batches = encode_on_ray(plan, bar, ray_address or recipe.corpus.ray_address or None)
+            else:
+                batches = encode_documents(
+                    _local_documents(plan, bar), tokenizer, val_fraction=recipe.corpus.val_fraction
+                )
             write_shards(
-                documents(bar),
+                batches,
                 records,
                 tokenizer,
                 out_dir,
@@ -336,22 +407,61 @@ def build_corpus(
                 finish=finish,
             )
         except UserError:
-            if read_all and sum(r["unique_documents_out"] for r in reports) == 0:
+            if plan.read_all and sum(r["unique_documents_out"] for r in reports) == 0:
                 drops = "; ".join(f"{r['name']}: {_drop_summary(r)}" for r in reports)
                 raise UserError(f"{recipe_path}: no document survives the recipe ({drops})") from None
             raise
         finally:
-            log.close()
-            if pool is not None:
-                pool.terminate()
+            plan.log.close()
     return json.loads((Path(out_dir) / "datasheet.json").read_text())  # as a skipped rerun returns it
 
 
-def _clean_document(text: str, cfg: FilterConfig, gutenberg: bool) -> tuple[str, str | None]:
-    """Normalised text and the first quality rule it fails (None: keep); runs in a worker process."""
-    text = normalize(text)
-    text = strip_gutenberg(text) if gutenberg else text
-    return text, check(text, cfg)
+_WORKER_PREPARER: Preparer | None = None  # set in each local worker process by _init_worker
+
+
+def _init_worker(preparer: Preparer) -> None:
+    global _WORKER_PREPARER
+    _WORKER_PREPARER = preparer
+
+
+def _prepare_in_worker(raw: RawBatch, weight: float) -> tuple[Prepared, list[str]]:
+    assert _WORKER_PREPARER is not None
+    return _WORKER_PREPARER(raw, weight)
+
+
+def _local_documents(plan: Plan, bar: tqdm) -> Iterator[tuple[int, str]]:
+    """(source index, text) of every document kept, with repeats, in corpus order. Reading and the keep-first
+    pass run here; the per-document stages in `corpus.workers` processes, a few batches ahead."""
+    workers = plan.recipe.corpus.workers or os.cpu_count() or 1
+    pool = None
+    if workers > 1:  # spawn: forking a process that runs tokenizer threads can deadlock
+        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (plan.preparer,))
+    pending: collections.deque[tuple[int, Any]] = collections.deque()
+
+    def emit(i: int, result: tuple[Prepared, list[str]]) -> Iterator[tuple[int, str]]:
+        prepared, passed = result
+        bar.update(prepared.read.progress)
+        for k, copies in keep(prepared, plan.reports[i], plan.dedup, plan.log):
+            yield from [(i, passed[k])] * copies
+
+    try:
+        for i, source in enumerate(plan.recipe.sources):
+            for file in plan.files[i]:
+                for raw in read_batches(file, source, plan.strict):
+                    if pool is None:
+                        yield from emit(i, plan.preparer(raw, source.weight))
+                        continue
+                    pending.append((i, pool.apply_async(_prepare_in_worker, (raw, source.weight))))
+                    if len(pending) > 2 * workers:
+                        i_done, done = pending.popleft()
+                        yield from emit(i_done, done.get())
+        while pending:
+            i_done, done = pending.popleft()
+            yield from emit(i_done, done.get())
+        plan.read_all = True
+    finally:
+        if pool is not None:
+            pool.terminate()
 
 
 def _fingerprint(recipe_path: Path, tokenizer: Tokenizer, reports: list[dict], eval_paths: list[Path]) -> str:
