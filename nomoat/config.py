@@ -110,6 +110,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     eval_every: int = 250  # 0 evaluates only at the end
     eval_batches: int = 0  # 0 means the whole validation split
+    eval_tasks: tuple[str, ...] = ()  # scored at each validation: "hellaswag=hs.jsonl", a task .toml (nomoat.eval)
     save_every: int = 500  # 0 saves only at the end
     keep_last: int = 2  # 0 keeps every checkpoint
     log_every: int = 10
@@ -234,6 +235,8 @@ def _parse_text(key: str, hint: Any, text: str) -> Any:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if origin is Literal or hint is str:
         return _check_value(key, hint, text)
+    if origin is tuple:  # comma-separated on the command line
+        return _check_value(key, hint, [part.strip() for part in text.split(",") if part.strip()])
     if hint is bool:
         if text.lower() in ("true", "1", "yes", "on"):
             return True

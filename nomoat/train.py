@@ -324,6 +324,10 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, setup: Se
         assert setup.val is not None
         model.eval()
         result = setup.val(forward)
+        if tc.eval_tasks:  # zero/few-shot task metrics, logged with the loss (nomoat.eval.tasks)
+            from nomoat.eval.tasks import task_metrics
+
+            result |= task_metrics(distributed.unwrap(model), setup.tokenizer, tc.eval_tasks)
         model.train()
         log({"step": step, **result})
         return result

@@ -117,3 +117,17 @@ def test_cli_text_tasks_results_and_compare(lm, tmp_path, capsys):
     assert main(["eval", str(ckpt), "--task", f"piqa={tmp_path / 'bad.jsonl'}"]) == 2
     assert "bad.jsonl:1: label 5 is out of range for 2 choices" in capsys.readouterr().err
     assert main(["eval", "--compare", str(tmp_path / "a.json")]) == 2
+
+
+def test_train_eval_tasks_are_logged_with_the_validation_loss(shakespeare_shards, tmp_path):
+    from conftest import tiny_run
+
+    from nomoat.train import train
+
+    piqa = [{"goal": "ROMEO:", "sol1": " I", "sol2": " thou", "label": i % 2} for i in range(4)]
+    (tmp_path / "piqa.jsonl").write_text("".join(json.dumps(d) + "\n" for d in piqa))
+    cfg = tiny_run(shakespeare_shards, tmp_path / "run", steps=10, eval_tasks=(f"piqa={tmp_path / 'piqa.jsonl'}",))
+    train(cfg, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (val,) = [r for r in rows if "val_loss" in r]
+    assert val["step"] == 10 and 0 <= val["piqa/acc"] <= 1 and "piqa/acc_norm" in val
