@@ -43,6 +43,8 @@ def cmd_data_build(args: argparse.Namespace) -> None:
         return cmd_data_build_recipe(args)
     if args.tokenizer is None:
         raise UserError("data build: --tokenizer is required unless the one input is a recipe .toml")
+    if args.engine or args.ray_address:
+        raise UserError("data build: --engine and --ray-address apply to a recipe .toml only")
     tok = Tokenizer.load(args.tokenizer)
     start = time.perf_counter()
     manifest = build_shards(
@@ -75,7 +77,15 @@ def cmd_data_build_recipe(args: argparse.Namespace) -> None:
     if args.tokenizer or args.val:
         raise UserError("data build RECIPE.toml: the tokenizer and validation split are set in the recipe")
     start = time.perf_counter()
-    sheet = build_corpus(args.inputs[0], args.out, progress=not args.json, strict=args.strict, force=args.force)
+    sheet = build_corpus(
+        args.inputs[0],
+        args.out,
+        progress=not args.json,
+        strict=args.strict,
+        force=args.force,
+        engine=args.engine,
+        ray_address=args.ray_address,
+    )
     splits = sheet["splits"]
     summary = {
         "out": args.out,
@@ -368,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.0005, help="share of documents held out")
     p.add_argument("--strict", action="store_true", help="stop at a JSON line that does not parse, not skip it")
     p.add_argument("--force", action="store_true", help="rebuild a recipe even when its inputs are unchanged")
+    p.add_argument("--engine", choices=["local", "ray"], help="run a recipe's stages here or on Ray (default: recipe)")
+    p.add_argument("--ray-address", help="Ray cluster to join with --engine ray; default: start a local Ray")
     p.set_defaults(func=cmd_data_build)
 
     p = add("train", "pretrain a model; config fields are overridable as --section.key value")

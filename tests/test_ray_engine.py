@@ -1,0 +1,48 @@
+"""Tests for nomoat/data/ray_engine.py: a recipe built on a local Ray equals the local engine's build, byte for byte.
+
+One Ray session serves the module (starting Ray takes seconds); the corpus and recipe are test_recipe.py's.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+from test_recipe import CHUNKS, file_hashes, root, write_recipe  # noqa: F401 (root is a fixture)
+
+from nomoat.cli import main
+from nomoat.data.recipe import build_corpus
+from nomoat.errors import UserError
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # Ray's start-up alone takes several seconds on 2 cores
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> None:
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("weights", [(1, 1), (2, 0.5)])
+def test_ray_output_equals_local(root: Path, ray_session: None, weights: tuple[float, float]) -> None:  # noqa: F811
+    # Two workers and a batch of documents per file: the keep-first pass sees batches from several actors.
+    corpus = {"tokenizer": "tokenizer.json", "val_fraction": 0.1, "seed": 0, "workers": 2}
+    recipe = write_recipe(root, f"ray{weights[1]}.toml", weights=weights, corpus=corpus)
+    local = build_corpus(recipe, root / f"local{weights[1]}", progress=False)
+    on_ray = build_corpus(recipe, root / f"ray{weights[1]}", progress=False, engine="ray")
+    assert on_ray == local
+    assert local["sources"][0]["exact_duplicates"] == 1 and local["splits"]["val"]["tokens"] > 0
+    assert file_hashes(root / f"ray{weights[1]}") == file_hashes(root / f"local{weights[1]}")
+
+
+def test_ray_strict_bad_line_and_cli(root: Path, ray_session: None, capsys: pytest.CaptureFixture) -> None:  # noqa: F811
+    lines = [json.dumps({"text": c}) for c in CHUNKS[45:48]]
+    (root / "bad.jsonl").write_text("\n".join([lines[0], '{"text": "cut off', *lines[1:]]) + "\n")
+    recipe = write_recipe(root, "ray_bad.toml", source=[{"name": "bad", "path": "bad.jsonl"}])
+    with pytest.raises(UserError, match=r"bad.jsonl:2: not a JSON line"):
+        build_corpus(recipe, root / "ray_strict", progress=False, strict=True, engine="ray")
+    assert not (root / "ray_strict").exists()
+    assert main(["data", "build", str(recipe), "--out", str(root / "ray_cli"), "--engine", "ray", "--json"]) == 0
+    assert f"{root / 'bad.jsonl'}:2: not a JSON line" in capsys.readouterr().err
+    assert json.loads((root / "ray_cli" / "datasheet.json").read_text())["sources"][0]["bad_lines"] == 1
