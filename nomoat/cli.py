@@ -338,6 +338,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         device=args.device,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        max_context=args.max_context,
     )
 
 
@@ -477,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together in one step")
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot; more get 429")
+    p.add_argument("--max-context", type=int, default=4096, help="tokens per sequence, if below the model's context")
     p.set_defaults(func=cmd_serve)
 
     p = add("demo", "corpus -> tokenizer -> train -> eval -> sample on the bundled Shakespeare")

@@ -205,6 +205,16 @@ def test_health_and_metrics(server):
         assert any(line.startswith(name + " ") for line in text.splitlines())
 
 
+def test_max_context_caps_a_long_model_context(tokenizer):
+    with running(build_app(tiny_model(), tokenizer, NAME, max_context=16)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        assert client.models.list().data[0].max_model_len == 16
+        with pytest.raises(openai.BadRequestError, match="context is 16"):
+            complete(client, "word " * 20)
+        r = complete(client, "ROMEO:", max_tokens=16, temperature=0)
+        assert r.usage.total_tokens <= 16
+
+
 def test_32_concurrent_streams_equal_each_alone(server):
     """Greedy answers do not depend on who else is in the batch, nor on joining mid-flight (8 slots, 32 clients)."""
     prompts = [f"{w} {i}:" * (1 + i % 4) for i, w in enumerate(["ROMEO", "JULIET", "KING", "NURSE"] * 8)]

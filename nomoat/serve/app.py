@@ -162,12 +162,13 @@ def build_app(
     api_key: str | None = None,
     max_batch: int = 16,
     max_queue: int = 64,
+    max_context: int = 4096,
     max_body: int = MAX_BODY_BYTES,
 ) -> Any:
     """The ASGI app: FastAPI routes behind the Guard. The engine thread starts and stops with the app's lifespan."""
     metrics = Metrics()
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
-    context = model.cfg.max_seq_len
+    engine = Engine(model, tokenizer, max_batch, max_queue, max_context, metrics=metrics)
+    context = engine.max_len
     created = int(time.time())
 
     @asynccontextmanager
@@ -429,14 +430,18 @@ def serve(
     device: str = "cpu",
     max_batch: int = 16,
     max_queue: int = 64,
+    max_context: int = 4096,
 ) -> None:
     """Load a checkpoint or Hugging Face folder and serve it until Ctrl-C."""
     import uvicorn
 
     from nomoat.checkpoint import load_checkpoint
 
-    if max_batch < 1 or max_queue < 1:
-        raise UserError(f"--max-batch and --max-queue must be at least 1 (got {max_batch} and {max_queue})")
+    if min(max_batch, max_queue, max_context - 1) < 1:
+        raise UserError(
+            f"--max-batch and --max-queue must be at least 1 and --max-context at least 2 "
+            f"(got {max_batch}, {max_queue} and {max_context})"
+        )
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port} is not a port number")
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
@@ -445,7 +450,7 @@ def serve(
         )
     ckpt = load_checkpoint(model_path, device=device)
     name = ckpt.path.name if not ckpt.path.name.startswith("step_") else ckpt.path.parent.parent.name
-    app = build_app(ckpt.model, ckpt.tokenizer, name, api_key, max_batch=max_batch, max_queue=max_queue)
+    app = build_app(ckpt.model, ckpt.tokenizer, name, api_key, max_batch, max_queue, max_context)
     print(f"nomoat: serving {name!r} on http://{host}:{port}/ (chat page) and /v1", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

@@ -85,13 +85,16 @@ class Engine:
         tokenizer: Tokenizer,
         max_batch: int = 16,
         max_queue: int = 64,
+        max_context: int = 4096,
         prefill_tokens: int = 2048,
         metrics: Metrics | None = None,
     ) -> None:
+        """max_context caps the tokens per sequence below the model's own context when that is long: the cache
+        holds max_batch x max_context positions per layer (Llama 3's 131,072 would need tens of GB)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
-        self.max_len = model.cfg.max_seq_len
+        self.max_len = min(model.cfg.max_seq_len, max_context)
         self.metrics = metrics or Metrics()
         weight = model.embed_tokens.weight
         self.device = weight.device
