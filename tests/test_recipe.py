@@ -2,8 +2,8 @@
 
 import gzip
 import hashlib
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,12 +181,38 @@ def test_bad_json_lines_are_counted_unless_strict(root: Path, capsys: pytest.Cap
     assert "did not parse, skipped: 1" in (root / "broken" / "datasheet.md").read_text()
 
 
-def test_parquet_needs_pyarrow(root: Path) -> None:
-    if importlib.util.find_spec("pyarrow") is not None:
-        pytest.skip("pyarrow is installed")
+def test_every_format_through_a_recipe(root: Path) -> None:
+    """txt and jsonl.zst are the fixture's sources; here jsonl, jsonl.gz and parquet, each with a meta_filter."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    (root / "formats").mkdir()
+    records = [{"body": c, "meta": {"keep": k < 3}} for k, c in enumerate(CHUNKS[55:59])]
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    (root / "formats/a.jsonl").write_text(lines)
+    (root / "formats/a.jsonl.gz").write_bytes(gzip.compress(lines.replace("body", "text").encode()))
+    pq.write_table(pa.Table.from_pylist(records), root / "formats/a.parquet")
+    sources = [
+        {"name": f, "path": f"formats/a.{f}", "text_field": "text" if f == "jsonl.gz" else "body"}
+        | {"meta_filter": {"meta.keep": True}}
+        for f in ("jsonl", "jsonl.gz", "parquet")
+    ]
+    sheet = build_corpus(
+        write_recipe(root, "formats.toml", source=sources, dedup={"enabled": False}), root / "f", progress=False
+    )
+    assert [(s["documents_in"], s["meta_filtered"], s["documents_out"]) for s in sheet["sources"]] == [(4, 1, 3)] * 3
+    assert len({s["tokens_out"] for s in sheet["sources"]}) == 1  # the same three documents from each format
+
+
+def test_parquet_and_ray_need_their_extras(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (root / "a.parquet").write_bytes(b"PAR1")
-    with pytest.raises(UserError, match="pip install pyarrow"):
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails as if pyarrow were not installed
+    with pytest.raises(UserError, match=r"a.parquet: reading parquet needs pyarrow; pip install 'nomoat\[parquet\]'"):
         list(read_records(root / "a.parquet"))
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(UserError, match=r"--engine ray needs Ray; pip install 'nomoat\[ray\]'"):
+        build_corpus(write_recipe(root, "noray.toml"), root / "noray", progress=False, engine="ray")
+    assert not (root / "noray").exists()
 
 
 def test_jsonl_gz_and_text_field(tmp_path: Path) -> None:

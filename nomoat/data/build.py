@@ -69,7 +69,7 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[dict, int]]:
     try:
         import pyarrow.parquet as pq  # optional: only parquet corpora need it
     except ImportError:
-        raise UserError(f"{path}: reading parquet needs pyarrow; pip install pyarrow") from None
+        raise UserError(f"{path}: reading parquet needs pyarrow; pip install 'nomoat[parquet]'") from None
     try:
         pf = pq.ParquetFile(path)
         rows, size, done = max(pf.metadata.num_rows, 1), path.stat().st_size, 0

@@ -91,8 +91,11 @@ def _in_order(ray: Any, submitted: Iterator[tuple[Any, Any]], ahead: int) -> Ite
 def encode_on_ray(plan: Plan, bar: tqdm, address: str | None) -> Iterator[Encoded]:
     """The recipe's encoded batches in corpus order, computed on Ray; counts go into plan.reports as on the
     local engine. Joins the cluster at `address`, or starts a local Ray with corpus.workers CPUs (0: all)."""
-    ray = _ray()
-    started = not ray.is_initialized()
+    return _encode(_ray(), plan, bar, address)  # fails now if Ray is missing, and starts Ray at the first batch
+
+
+def _encode(ray: Any, plan: Plan, bar: tqdm, address: str | None) -> Iterator[Encoded]:
+    started = not ray.is_initialized()  # a Ray session the caller started stays up for the caller
     if started:
         try:
             if address:
@@ -100,16 +103,16 @@ def encode_on_ray(plan: Plan, bar: tqdm, address: str | None) -> Iterator[Encode
             else:
                 cpus = plan.recipe.corpus.workers or os.cpu_count() or 1
                 ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
-        except ConnectionError as e:
-            raise UserError(f"cannot join the Ray cluster at {address}: {e}") from None
+        except (ConnectionError, TimeoutError) as e:
+            raise UserError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
     try:
-        yield from _encode(ray, plan, bar)
+        yield from _stages(ray, plan, bar)
     finally:
         if started:
             ray.shutdown()
 
 
-def _encode(ray: Any, plan: Plan, bar: tqdm) -> Iterator[Encoded]:
+def _stages(ray: Any, plan: Plan, bar: tqdm) -> Iterator[Encoded]:
     recipe = plan.recipe
     n = plan.recipe.corpus.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     # Actors ask for no CPU, so that they never wait for the readers' CPU slots while the readers wait for them;
