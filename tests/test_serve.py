@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,9 +20,11 @@ import pytest
 import requests
 import schemathesis
 import torch
+from conftest import tiny_run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nomoat.checkpoint import save_checkpoint
 from nomoat.cli import main
 from nomoat.config import ModelConfig
 from nomoat.model import KVCache, Transformer
@@ -276,13 +281,17 @@ def test_api_key(slow_server):
     assert slow_server.client(KEY).completions.create(model=NAME, prompt="a", max_tokens=1).choices
 
 
-def wait_until(condition, timeout: float = 2.0) -> float:
-    """Seconds until condition() held; fails after timeout."""
+def wait_until(condition, timeout: float = 2.0, errors: type[Exception] | tuple = ()) -> float:
+    """Seconds until condition() held (an exception in `errors` counts as not yet); fails after timeout."""
     start = time.perf_counter()
-    while not condition():
+    while True:
+        try:
+            if condition():
+                return time.perf_counter() - start
+        except errors:
+            pass
         assert time.perf_counter() - start < timeout, "timed out"
         time.sleep(0.01)
-    return time.perf_counter() - start
 
 
 def health(server: Server) -> tuple[int, int]:
@@ -331,6 +340,27 @@ def test_fuzzed_requests_never_get_a_5xx(server):
             assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
     fuzz()
+
+
+@pytest.mark.slow  # a second process: imports and model loading take a few seconds
+def test_cli_serves_a_checkpoint(shakespeare_shards, tmp_path):
+    cfg = tiny_run(shakespeare_shards, tmp_path / "run")
+    save_checkpoint(tmp_path / "run", 1, Transformer(cfg.model), cfg, Tokenizer.load(shakespeare_shards[1]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "nomoat.cli", "serve", str(tmp_path / "run"), "--port", str(port)]
+    server = subprocess.Popen([*command, "--api-key", KEY], stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: server.poll() is None and requests.get(f"{url}/health").ok, timeout=60, errors=OSError)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        assert client.models.list().data[0].id == "run"
+        assert client.completions.create(model="run", prompt="ROMEO:", max_tokens=3).usage.completion_tokens <= 3
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    assert f"serving 'run' on http://127.0.0.1:{port}/" in err
 
 
 def test_cli_serve_refuses_a_missing_model(tmp_path, capsys):
