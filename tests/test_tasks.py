@@ -58,12 +58,13 @@ def test_builtins_render_the_harness_prompts(tmp_path):
     assert item.requests == [("a b", " c")]
 
 
-def test_shared_context_scoring_equals_one_request_at_a_time(lm):
+@pytest.mark.parametrize("budget", [2048, 24])  # all in one batch; one context a batch
+def test_shared_context_scoring_equals_one_request_at_a_time(lm, budget):
     model, tok = lm
-    ctx = tok.encode("Question: what is hot? Answer:")
-    conts = [tok.encode(" fire"), tok.encode(" ice and the lazy dog"), tok.encode(" x")]
-    shared = score_requests(model, [(ctx, c) for c in conts])
-    for cont, (ll, greedy) in zip(conts, shared, strict=True):
+    contexts = [tok.encode(t) for t in ("Question: what is hot? Answer:", "The lazy dog", "fox")]
+    conts = [tok.encode(t) for t in (" fire", " ice and the lazy dog", " x")]
+    requests = [(ctx, cont) for ctx in contexts for cont in conts]
+    for (ctx, cont), (ll, greedy) in zip(requests, score_requests(model, requests, budget=budget), strict=True):
         logp = torch.log_softmax(model(torch.tensor([ctx + cont[:-1]]))[0, len(ctx) - 1 :], -1)
         expected = logp.gather(-1, torch.tensor(cont)[:, None]).sum().item()
         assert ll == pytest.approx(expected, abs=1e-4)

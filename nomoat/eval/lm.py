@@ -42,12 +42,13 @@ def _logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> t
 
 @torch.no_grad()
 def score_requests(
-    model: Transformer, requests: Sequence[Request], window: int | None = None
+    model: Transformer, requests: Sequence[Request], window: int | None = None, budget: int = 2048
 ) -> list[tuple[float, bool]]:
     """(log-likelihood, is_greedy) of each continuation given its context, as the harness computes them.
 
-    Requests sharing a context run it once. When context + continuation exceed the window (default: the model's
-    context), the input is cut from the left as the harness does: (context + continuation)[-(window + 1):][:-1]."""
+    Requests sharing a context run it once; contexts of similar length are batched up to `budget` tokens a
+    forward. When context + continuation exceed the window (default: the model's context), the input is cut from
+    the left as the harness does: (context + continuation)[-(window + 1):][:-1]."""
     window = min(window or model.cfg.max_seq_len, model.cfg.max_seq_len)
     device = model.embed_tokens.weight.device
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -56,17 +57,27 @@ def score_requests(
             raise ValueError(f"request {i}: context and continuation must both hold tokens")
         groups.setdefault(tuple(ctx), []).append(i)
     out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    fits = [(list(c), m) for c, m in groups.items() if len(c) + max(len(requests[i][1]) for i in m) - 1 <= window]
+    fits.sort(key=lambda group: -len(group[0]))  # similar lengths together: little padding
     was_training = model.training
     model.eval()
     with _head_detached(model) as head:
+        chunk: list[tuple[list[int], list[int]]] = []
+        for group in [*fits, None]:
+            if chunk and (group is None or not _fits(chunk + [group], requests, window, budget)):
+                conts = [[list(requests[i][1]) for i in members] for _, members in chunk]
+                scores = _score_groups(model, head, [ctx for ctx, _ in chunk], conts, device)
+                for (_, members), group_scores in zip(chunk, scores, strict=True):
+                    for i, score in zip(members, group_scores, strict=True):
+                        out[i] = score
+                chunk = []
+            if group is not None:
+                chunk.append(group)
         for ctx, members in groups.items():
-            conts = [list(requests[i][1]) for i in members]
-            longest = max(len(c) for c in conts)
-            if len(ctx) + longest - 1 <= window:
-                for i, result in zip(members, _score_shared(model, head, list(ctx), conts, device), strict=True):
-                    out[i] = result
+            if len(ctx) + max(len(requests[i][1]) for i in members) - 1 <= window:
                 continue
-            for i, cont in zip(members, conts, strict=True):
+            for i in members:
+                cont = list(requests[i][1])
                 inp = (list(ctx) + cont)[-(window + 1) :][:-1]
                 hidden = model(torch.tensor([inp], device=device))[0, -len(cont) :]  # (m, C)
                 out[i] = _logprobs(head, hidden, torch.tensor(cont, device=device))
@@ -74,30 +85,55 @@ def score_requests(
     return out
 
 
-def _score_shared(
-    model: Transformer, head: nn.Module, ctx: list[int], conts: list[list[int]], device: torch.device
-) -> list[tuple[float, bool]]:
-    """One forward over the context into a KV cache, then one over all continuations, each row a copy of it."""
-    n, longest, rows = len(ctx), max(len(c) for c in conts), len(conts)
+def _fits(chunk: list[tuple[list[int], list[int]]], requests: Sequence[Request], window: int, budget: int) -> bool:
+    """Whether the padded context batch and the padded continuation batch stay within budget and the window."""
+    n_ctx = max(len(ctx) for ctx, _ in chunk)
+    n_cont = max(len(requests[i][1]) for _, members in chunk for i in members)
+    rows = sum(len(members) for _, members in chunk)
+    return n_ctx + n_cont - 1 <= window and max(n_ctx * len(chunk), (n_cont - 1) * rows) <= budget
+
+
+def _score_groups(
+    model: Transformer, head: nn.Module, contexts: list[list[int]], conts: list[list[list[int]]], device: torch.device
+) -> list[list[tuple[float, bool]]]:
+    """One forward over the contexts into a KV cache, then one over every continuation, each row starting from a
+    copy of its context's keys and values at its own position. Right padding is safe in both: a pad only ever
+    comes after the positions that are read."""
+    lengths = [len(c) for c in contexts]
+    n_ctx = max(lengths)
     dtype = model.embed_tokens.weight.dtype
-    prefix = KVCache(model.cfg, 1, n, device=device, dtype=dtype)
-    last = model(torch.tensor([ctx], device=device), cache=prefix)[0, -1:]  # (1, C): predicts each cont[0]
-    tails = None
-    if longest > 1:
-        cache = KVCache(model.cfg, rows, n + longest - 1, device=device, dtype=dtype)
+    batch = torch.zeros(len(contexts), n_ctx, dtype=torch.long)
+    for g, ctx in enumerate(contexts):
+        batch[g, : len(ctx)] = torch.tensor(ctx)
+    prefix = KVCache(model.cfg, len(contexts), n_ctx, device=device, dtype=dtype)
+    hidden = model(batch.to(device), cache=prefix)  # (G, n_ctx, C)
+    rows = [(g, cont) for g, group in enumerate(conts) for cont in group]
+    owner = torch.tensor([g for g, _ in rows], device=device)
+    last = hidden[owner, torch.tensor([lengths[g] - 1 for g, _ in rows], device=device)]  # (R, C): each cont[0]
+    n_cont = max(len(cont) for _, cont in rows)
+    pieces = [last[:, None]]
+    if n_cont > 1:
+        cache = KVCache(model.cfg, len(rows), n_ctx + n_cont - 1, device=device, dtype=dtype)
         for dst, src in zip(cache.k + cache.v, prefix.k + prefix.v, strict=True):
-            dst[:, :, :n] = src
-        cache.pos.fill_(n)
-        # right padding: a pad token only ever precedes positions that are not read
-        batch = torch.zeros(rows, longest - 1, dtype=torch.long, device=device)
-        for r, cont in enumerate(conts):
-            batch[r, : len(cont) - 1] = torch.tensor(cont[:-1])
-        tails = model(batch, cache=cache)  # (rows, longest - 1, C)
-    results = []
-    for r, cont in enumerate(conts):
-        hidden = last if tails is None else torch.cat([last, tails[r, : len(cont) - 1]])
-        results.append(_logprobs(head, hidden, torch.tensor(cont, device=device)))
-    return results
+            dst[:, :, :n_ctx] = src.index_select(0, owner)
+        cache.pos = torch.tensor([lengths[g] for g, _ in rows], device=device)  # (R,): per-row positions
+        tails = torch.zeros(len(rows), n_cont - 1, dtype=torch.long)
+        for r, (_, cont) in enumerate(rows):
+            tails[r, : len(cont) - 1] = torch.tensor(cont[:-1])
+        pieces.append(model(tails.to(device), cache=cache))  # (R, n_cont - 1, C)
+    states = torch.cat(pieces, dim=1)  # (R, n_cont, C): row r predicts its cont from position 0 on
+    keep = torch.tensor([[t < len(cont) for t in range(n_cont)] for _, cont in rows], device=device)
+    targets = torch.tensor([t for _, cont in rows for t in cont], device=device)
+    logp = F.log_softmax(head(states[keep]).float(), dim=-1)  # (N, V), only at scored positions
+    token_ll = logp.gather(-1, targets[:, None])[:, 0]
+    hit = logp.argmax(-1) == targets
+    out: list[list[tuple[float, bool]]] = [[] for _ in contexts]
+    start = 0
+    for g, cont in rows:
+        end = start + len(cont)
+        out[g].append((token_ll[start:end].sum().item(), bool(hit[start:end].all())))
+        start = end
+    return out
 
 
 def rolling_windows(n: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
