@@ -1,6 +1,6 @@
 """Multiple-choice scoring speed: `nomoat eval --task` against lm-evaluation-harness's HF backend, same weights.
 
-A LLaMA-style ~134M model (12 x 768, SwiGLU, RoPE, GQA, 32k vocabulary) with random weights is exported to a
+A LLaMA-style ~125M model (12 x 768, SwiGLU, RoPE, GQA, 32k vocabulary) with random weights is exported to a
 Hugging Face folder; both sides score the same HellaSwag-layout items (built from the bundled Shakespeare: a
 three-line context, four one-line endings) on the CPU in fp32, in one process, and must agree on acc and acc_norm.
 Timed: everything from the task's file to the metrics; not timed: loading each model and one warm-up forward,

@@ -12,8 +12,10 @@ Scoring is `lm.py`'s, so the harness and `nomoat eval --task` give the same numb
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any
 
+import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
@@ -39,6 +41,9 @@ class NomoatLM(TemplateLM):
         **_: Any,  # the harness passes its own settings (e.g. trust_remote_code); nomoat needs none of them
     ) -> None:
         super().__init__()
+        if str(device).startswith("cuda") and not torch.cuda.is_available():  # the harness CLI asks for cuda
+            warnings.warn(f"device {device} is not available; using cpu", stacklevel=2)
+            device = "cpu"
         ckpt = load_checkpoint(pretrained, device=device)
         self.model, self.tokenizer = ckpt.model.eval(), ckpt.tokenizer
         self.window = int(max_length or self.model.cfg.max_seq_len)
