@@ -194,6 +194,8 @@ def test_bad_requests_get_openai_errors(server, path, body, status):
 def test_wrong_method_and_client_errors(server):
     r = requests.get(f"{server.url}/v1/completions")
     assert r.status_code == 405 and r.json()["error"]["message"]
+    chunked = requests.post(f"{server.url}/v1/completions", data=(b"x" * 65536 for _ in range(40)))  # no length
+    assert chunked.status_code == 413 and chunked.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError):
         server.client().completions.create(model="nope", prompt="a")
     with pytest.raises(openai.BadRequestError, match="context"):

@@ -129,20 +129,24 @@ class Guard:
         async def reply(status: int, message: str, code: str | None = None) -> None:
             await error_response(status, message, code=code)(scope, receive, counted_send)
 
+        headers = dict(scope["headers"])
         if self.api_key is not None and scope["path"] not in OPEN_PATHS:
-            headers = dict(scope["headers"])
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            given = headers.get(b"authorization", b"")
+            if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
                 return await reply(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "invalid_api_key")
-        body, more = b"", True
-        while more:
+        too_big = f"the request body is over {self.max_body} bytes"
+        declared = headers.get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_body:
+            return await reply(413, too_big)
+        body, more = bytearray(), True
+        while more:  # the declared length may be absent (chunked) or a lie, so count what arrives
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_body:
-                return await reply(413, f"the request body is over {self.max_body} bytes")
+                return await reply(413, too_big)
         replayed = False
 
         async def replay() -> dict:
@@ -150,7 +154,7 @@ class Guard:
             if replayed:
                 return await receive()
             replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
 
         await self.app(scope, replay, counted_send)
 
