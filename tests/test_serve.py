@@ -223,21 +223,27 @@ def test_max_context_caps_a_long_model_context(tokenizer):
 
 
 def test_32_concurrent_streams_equal_each_alone(server):
-    """Greedy answers do not depend on who else is in the batch, nor on joining mid-flight (8 slots, 32 clients)."""
+    """Answers do not depend on who else is in the batch, nor on joining mid-flight (8 slots, 32 clients): greedy
+    ones, and seeded samples, each row with its own temperature, top_p and generator."""
     prompts = [f"{w} {i}:" * (1 + i % 4) for i, w in enumerate(["ROMEO", "JULIET", "KING", "NURSE"] * 8)]
-    lengths = [4 + (i * 7) % 25 for i in range(32)]
+    settings = [
+        {"max_tokens": 4 + (i * 7) % 25, "temperature": 0.0}
+        if i % 2
+        else {"max_tokens": 4 + (i * 7) % 25, "temperature": 0.7 + i / 50, "top_p": 0.9, "seed": i}
+        for i in range(32)
+    ]
     client = server.client()
-    pairs = list(zip(prompts, lengths, strict=True))
-    alone = [complete(client, p, max_tokens=n, temperature=0).choices[0].text for p, n in pairs]
+    pairs = list(zip(prompts, settings, strict=True))
+    alone = [complete(client, p, **kw).choices[0].text for p, kw in pairs]
 
     async def together() -> list[str]:
         aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
 
-        async def one(p: str, n: int) -> str:
-            stream = await aclient.completions.create(model=NAME, prompt=p, max_tokens=n, temperature=0, stream=True)
+        async def one(p: str, kw: dict) -> str:
+            stream = await aclient.completions.create(model=NAME, prompt=p, stream=True, **kw)
             return "".join([c.choices[0].text async for c in stream])
 
-        return await asyncio.gather(*(one(p, n) for p, n in pairs))
+        return await asyncio.gather(*(one(p, kw) for p, kw in pairs))
 
     assert asyncio.run(together()) == alone
 
