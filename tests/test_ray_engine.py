@@ -10,11 +10,13 @@ import pytest
 from test_recipe import CHUNKS, file_hashes, root, write_recipe  # noqa: F401 (root is a fixture)
 
 from nomoat.cli import main
+from nomoat.data import ray_engine
 from nomoat.data.recipe import build_corpus
 from nomoat.errors import UserError
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # Ray's start-up alone takes several seconds on 2 cores
+real_stages = ray_engine._stages
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +38,21 @@ def test_ray_output_equals_local(root: Path, ray_session: None, weights: tuple[f
     assert file_hashes(root / f"ray{weights[1]}") == file_hashes(root / f"local{weights[1]}")
 
 
-def test_ray_strict_bad_line_and_cli(root: Path, ray_session: None, capsys: pytest.CaptureFixture) -> None:  # noqa: F811
+def test_ray_strict_bad_line_and_cli(
+    root: Path,  # noqa: F811
+    ray_session: None,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     lines = [json.dumps({"text": c}) for c in CHUNKS[45:48]]
     (root / "bad.jsonl").write_text("\n".join([lines[0], '{"text": "cut off', *lines[1:]]) + "\n")
-    recipe = write_recipe(root, "ray_bad.toml", source=[{"name": "bad", "path": "bad.jsonl"}])
-    with pytest.raises(UserError, match=r"bad.jsonl:2: not a JSON line"):
-        build_corpus(recipe, root / "ray_strict", progress=False, strict=True, engine="ray")
-    assert not (root / "ray_strict").exists()
+    corpus = {"tokenizer": "tokenizer.json", "val_fraction": 0.0, "engine": "ray"}
+    recipe = write_recipe(root, "ray_bad.toml", corpus=corpus, source=[{"name": "bad", "path": "bad.jsonl"}])
+    calls = []
+    monkeypatch.setattr(ray_engine, "_stages", lambda *a: calls.append(1) or real_stages(*a))
+    with pytest.raises(UserError, match=r"bad.jsonl:2: not a JSON line"):  # raised in a reading task
+        build_corpus(recipe, root / "ray_strict", progress=False, strict=True)
+    assert calls == [1] and not (root / "ray_strict").exists()  # corpus.engine chose Ray
     assert main(["data", "build", str(recipe), "--out", str(root / "ray_cli"), "--engine", "ray", "--json"]) == 0
     assert f"{root / 'bad.jsonl'}:2: not a JSON line" in capsys.readouterr().err
     assert json.loads((root / "ray_cli" / "datasheet.json").read_text())["sources"][0]["bad_lines"] == 1
