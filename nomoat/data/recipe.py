@@ -1,8 +1,10 @@
 """Corpus recipes: a TOML file naming sources, cleaning, dedup, decontamination and mixture weights, built into
 the same shards and manifest as build.py writes, plus a datasheet (JSON, Markdown, a mixture chart).
 
-Relative paths in a recipe are relative to the recipe file. Not here: downloading sources, tokenizer training,
-or shuffling across sources (the loader samples windows at random).
+Work that needs one document at a time (`Preparer`) runs in worker processes, or on Ray (ray_engine.py); the
+order-dependent pass (`keep`: which duplicate comes first) runs in this process, so both engines write the same
+bytes. Relative paths in a recipe are relative to the recipe file. Not here: downloading sources, tokenizer
+training, or shuffling across sources (the loader samples windows at random).
 """
 
 from __future__ import annotations
@@ -235,7 +237,8 @@ def read_batches(file: Path, source: Source, strict: bool, size: int = BATCH_DOC
 
 @dataclass
 class Prepared:
-    """A batch after the stages that look at one document at a time; `passed` indexes the batch's survivors."""
+    """A batch after the stages that look at one document at a time; "per passed document" lists follow the
+    order of the texts that passed the quality filter."""
 
     read: RawBatch  # the reading counts, without the texts
     drops: list[str]  # the quality rule each dropped document failed
