@@ -7,7 +7,6 @@ streams equal the same requests served alone), cancellation, the bounded queue a
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import subprocess
 import sys
@@ -329,25 +328,42 @@ def test_cancelled_stream_frees_its_slot_and_full_queue_answers_429(slow_server)
     assert wait_until(lambda: health(slow_server) == (0, 0)) < 0.5
 
 
-@pytest.mark.slow  # schemathesis: 100 generated requests, valid and invalid, over every operation
+def steer(body: dict) -> None:
+    """Nudge a generated body towards one the server can serve (its model, known roles, few tokens, ids in the
+    vocabulary), so that fuzzing reaches sampling and streaming with odd temperatures, top_p, stops and seeds."""
+    body["model"] = NAME
+    for i, message in enumerate(body.get("messages") or []):
+        if isinstance(message, dict):
+            message["role"] = ("user", "assistant")[i % 2]
+    for key, bound in (("max_tokens", 8), ("max_completion_tokens", 8), ("n", 2)):
+        if type(body.get(key)) is int:
+            body[key] = body[key] % bound + 1
+    in_vocab = lambda x: x % CFG.vocab_size if type(x) is int else x  # noqa: E731
+    if isinstance(body.get("prompt"), list):
+        body["prompt"] = [[in_vocab(t) for t in x] if isinstance(x, list) else in_vocab(x) for x in body["prompt"]]
+    if isinstance(body.get("stop"), list):
+        body["stop"] = body["stop"][:4]
+
+
+@pytest.mark.slow  # schemathesis: 120 generated requests, valid and invalid, over every operation
 def test_fuzzed_requests_never_get_a_5xx(server):
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     modes = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
+    served = []
 
-    @given(case=st.one_of([schema.as_strategy(generation_mode=mode) for mode in modes]))
-    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    def fuzz(case: schemathesis.Case) -> None:
-        if isinstance(case.body, dict) and len(json.dumps(case.body, default=str)) % 2:
-            case.body["model"] = NAME  # about half of the requests reach generation instead of a 404
-            for i, message in enumerate(case.body.get("messages") or []):
-                if isinstance(message, dict):
-                    message["role"] = ("user", "assistant")[i % 2]
+    @given(case=st.one_of([schema.as_strategy(generation_mode=mode) for mode in modes]), steered=st.booleans())
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def fuzz(case: schemathesis.Case, steered: bool) -> None:
+        if steered and isinstance(case.body, dict):
+            steer(case.body)
         response = case.call(timeout=30)
         assert response.status_code < 500, (case.path, case.body, response.text)
         if response.status_code >= 400:
             assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        served.append(case.method == "POST" and response.status_code == 200)
 
     fuzz()
+    assert sum(served) >= 10  # generation was reached, not only validation
 
 
 @pytest.mark.slow  # a second process: imports and model loading take a few seconds
