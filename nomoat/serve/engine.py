@@ -204,8 +204,9 @@ class Engine:
     def _prefill(self, seqs: list[Generation]) -> None:
         """Run the prompts as one right-padded batch in a scratch cache, then copy each into its slot.
 
-        Right padding is safe: a real token attends only to earlier positions, and the padded positions of a
-        slot lie beyond its `pos`, to be overwritten by its own next tokens before anything reads them."""
+        Right padding is safe: a real token attends only to earlier positions, so the padding after it changes
+        nothing, and only each prompt's own positions are copied. What an earlier occupant left in a slot beyond
+        them lies in the new sequence's future, masked until its own tokens overwrite it."""
         lengths = [len(s.prompt) for s in seqs]
         T = max(lengths)
         ids = torch.zeros((len(seqs), T), dtype=torch.long)
