@@ -43,8 +43,12 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return self.base(x) + update * self.scaling
+        y = self.base(x)
+        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r)
+        # The scaling goes on B (out x r) rather than on the (..., out) product, and addmm adds the update into
+        # y inside the matmul: two fewer passes over the layer's output than `y + B(A(x)) * scaling`.
+        scaled_b = (self.lora_B * self.scaling).to(y.dtype)
+        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), scaled_b.t()).view_as(y)
 
     def delta(self) -> torch.Tensor:
         """The weight update (out, in) in fp32."""
