@@ -86,3 +86,25 @@ def test_chat_page_streams_answers_and_keeps_the_conversation(browser, shakespea
         # The page keeps the conversation, and sends all of it with the next message.
         history = browser.execute_script("return messages.map(m => m.role)")
         assert history == ["user", "assistant", "user", "assistant"]
+
+
+@pytest.mark.slow  # Chromium
+def test_chat_page_sends_the_api_key(browser, shakespeare_shards):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=320, n_layer=1, n_head=2, d_model=16, d_ff=32, max_seq_len=128))
+    app = build_app(model.eval(), Tokenizer.load(shakespeare_shards[1]), "tiny", api_key="sesame")
+    with running(app) as url:
+        browser.get(url + "/")
+        browser.find_element(By.ID, "input").send_keys("Hi")
+        browser.find_element(By.ID, "send").click()
+        error = WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".error"))
+        assert "API key" in error[0].text
+        browser.find_element(By.ID, "api-key").send_keys("sesame")
+        browser.find_element(By.ID, "input").send_keys("Hi again")
+        browser.find_element(By.ID, "send").click()
+        WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".assistant[data-done='true']"))
+        assert browser.execute_script("return messages.length") == 2  # the failed turn was not kept
+        assert browser.find_element(By.ID, "max-tokens").get_attribute("value") == "128"  # capped at the context
