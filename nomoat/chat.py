@@ -193,7 +193,9 @@ def turn_closer(tokenizer: Tokenizer) -> str:
     return closer.replace(tokenizer.eos_token or "\0", "").strip()
 
 
-def stream_reply(model: Any, tokenizer: Tokenizer, messages: list[dict[str, str]], **sampling: Any) -> Iterator[str]:
+def stream_reply(
+    model: Any, tokenizer: Tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 512, **sampling: Any
+) -> Iterator[str]:
     """The assistant's next reply as text pieces, generated from the rendered conversation. Stops at eos or at
     the template's turn closer, which is not shown; sampling as for generate.generate_tokens."""
     from nomoat.generate import generate_tokens  # the model's code loads only when a reply is wanted
@@ -201,7 +203,9 @@ def stream_reply(model: Any, tokenizer: Tokenizer, messages: list[dict[str, str]
     closer = turn_closer(tokenizer)
     prompt = tokenizer.encode(render_chat(tokenizer, messages, add_generation_prompt=True))
     held = ""  # text that might be the start of the closer
-    for piece in decode_stream(tokenizer, generate_tokens(model, prompt, eos_id=tokenizer.eos_id, **sampling)):
+    for piece in decode_stream(
+        tokenizer, generate_tokens(model, prompt, max_new_tokens, eos_id=tokenizer.eos_id, **sampling)
+    ):
         held += piece
         if closer and closer in held:
             yield held[: held.index(closer)]

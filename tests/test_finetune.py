@@ -4,13 +4,14 @@ and stop, LoRA checkpoints resume exactly and hold a PEFT adapter, merging repor
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from nomoat.chat import render_chat
+from nomoat.chat import render_chat, stream_reply
 from nomoat.checkpoint import save_checkpoint
 from nomoat.cli import main
 from nomoat.config import FinetuneConfig, ModelConfig, RunConfig, TrainConfig
@@ -160,6 +161,19 @@ def ft_config(base: Path, data: Path, out: Path, **finetune: object) -> RunConfi
     )
 
 
+def peft_forward(base: Path, adapter: Path, hf_dir: Path):
+    """The HF export of the base with our checkpoint's adapter loaded by PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from nomoat.checkpoint import load_checkpoint
+    from nomoat.convert import to_hf
+
+    to_hf(load_checkpoint(base), hf_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_dir), adapter).eval()
+    return lambda x: model(x).logits
+
+
 def answer(model: torch.nn.Module, tok: Tokenizer, question: str) -> tuple[str, bool]:
     prompt = tok.encode(render_chat(tok, [{"role": "user", "content": question}]))
     ids = list(generate_tokens(model, prompt, 24, temperature=0, eos_id=tok.eos_id))
@@ -167,7 +181,9 @@ def answer(model: torch.nn.Module, tok: Tokenizer, question: str) -> tuple[str, 
 
 
 @pytest.mark.slow
-def test_tiny_model_learns_to_answer_and_stop(base: Path, tmp_path: Path) -> None:
+def test_tiny_model_learns_to_answer_and_stop(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = write_jsonl(tmp_path / "chats.jsonl", chat_records())
     cfg = ft_config(base, data, tmp_path / "run", method="full")
     result = finetune(cfg, progress=False)
@@ -178,6 +194,11 @@ def test_tiny_model_learns_to_answer_and_stop(base: Path, tmp_path: Path) -> Non
         assert text == f"{a}<|im_end|>\n" and stopped
     before, stopped = answer(load_tuned(base).model, tuned.tokenizer, CHATS[0][0])
     assert not before.startswith("Blue.")
+    reply = stream_reply(tuned.model, tuned.tokenizer, [{"role": "user", "content": CHATS[1][0]}], temperature=0)
+    assert "".join(reply) == CHATS[1][1]  # the turn closer <|im_end|> is not shown
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{CHATS[2][0]}\n/reset\n{CHATS[3][0]}\n\n"))  # trained on one turn
+    assert main(["chat", str(tmp_path / "run"), "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == f"> {CHATS[2][1]}\n> > {CHATS[3][1]}\n> "
 
 
 @pytest.mark.slow
@@ -219,6 +240,10 @@ def test_lora_run_resumes_exactly_and_merges(base: Path, tmp_path: Path) -> None
     ckpt = result.checkpoint
     assert (ckpt / "adapter_config.json").is_file() and (ckpt / "adapter_model.safetensors").is_file()
     assert json.loads((ckpt / "adapter_config.json").read_text())["r"] == 4
+    peft_logits = peft_forward(base, ckpt, tmp_path / "hf")
+    x = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_logits(x), load_tuned(ckpt).model(x), rtol=1e-4, atol=1e-4)
     report = merge(ckpt, tmp_path / "merged")
     assert report["bpb_before"] is not None and abs(report["bpb_change"]) < 1e-4  # an fp32 merge changes nothing
     merged = load_tuned(tmp_path / "merged")
