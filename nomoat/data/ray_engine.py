@@ -27,7 +27,7 @@ from nomoat.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from pathlib import Path
 
-AHEAD_FILES = 2  # files read at once: each reader holds a CPU slot while it waits for this process
+AHEAD_FILES = 2  # files read at once (given the CPUs): a reader holds its CPU slot while it waits for this process
 AHEAD_BATCHES = 2  # batches per actor in flight at each stage: enough to hide this process's turn
 
 
@@ -133,10 +133,11 @@ def _stages(ray: Any, plan: Plan, bar: tqdm) -> Iterator[Encoded]:
             readers.append((i, reader.remote(file, recipe.sources[i], plan.strict)))
         while readers:
             i, gen = readers.popleft()
-            for i_next, file in itertools.islice(files, 1):
-                readers.append((i_next, reader.remote(file, recipe.sources[i_next], plan.strict)))
             for ref in gen:
                 yield i, ref
+            # Only once a reader is done: a later file's reader must never hold the CPU slot an earlier one needs.
+            for i_next, file in itertools.islice(files, 1):
+                readers.append((i_next, reader.remote(file, recipe.sources[i_next], plan.strict)))
 
     actor_cycle = itertools.cycle(actors)
 
