@@ -59,9 +59,10 @@ def _input_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _text_record(record: object, text_field: str, where: str) -> dict:
+def _text_record(record: object, text_field: str, path: Path, where: str, k: int) -> dict:
+    """`record` if it holds a string `text_field`; the error names path and `where`.format(k), built only then."""
     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-        raise UserError(f'{where}: expected an object with a string "{text_field}" field')
+        raise UserError(f'{path}{where.format(k)}: expected an object with a string "{text_field}" field')
     return record
 
 
@@ -76,7 +77,7 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[dict, int]]:
         for batch in pf.iter_batches():
             for record in batch.to_pylist():
                 done += 1
-                yield _text_record(record, text_field, f"{path}: row {done}"), size * done // rows
+                yield _text_record(record, text_field, path, ": row {}", done), size * done // rows
     except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid, for a corrupt file, is a ValueError
         raise UserError(f"{path}: not a readable parquet file ({e})") from e
 
@@ -119,7 +120,7 @@ def read_records(
             for lineno, line in enumerate(lines, 1):
                 # Counting bytes: a buffered file's tell() costs a system call per line, a quarter of json.loads.
                 pos = pos + len(line) if lines is raw else raw.tell()
-                if not line.strip():
+                if line.isspace():  # never empty: a line keeps its newline
                     continue
                 try:
                     # Decoding first skips json's encoding sniffing, and a binary file fails here, not as JSON.
@@ -135,7 +136,7 @@ def read_records(
                         raise UserError(f"{path}:{lineno}: not a JSON line ({e})") from e
                     on_bad_line(f"{path}:{lineno}: not a JSON line ({e})")
                     continue
-                yield _text_record(record, text_field, f"{path}:{lineno}"), pos
+                yield _text_record(record, text_field, path, ":{}", lineno), pos
         except zstandard.ZstdError as e:
             raise UserError(f"{path}: corrupt zstd stream ({e})") from e
         except (gzip.BadGzipFile, EOFError) as e:
