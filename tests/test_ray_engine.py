@@ -6,13 +6,15 @@ One Ray session serves the module (starting Ray takes seconds); the corpus and r
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_recipe import CHUNKS, file_hashes, root, write_recipe  # noqa: F401 (root is a fixture)
 
 from nomoat.cli import main
-from nomoat.data import ray_engine
-from nomoat.data.recipe import build_corpus
+from nomoat.data import build, ray_engine
+from nomoat.data.recipe import Preparer, build_corpus, load_recipe
 from nomoat.errors import UserError
+from nomoat.tokenizer import Tokenizer
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # Ray's start-up alone takes several seconds on 2 cores
@@ -58,3 +60,17 @@ def test_ray_strict_bad_line_and_cli(
     assert main(["data", "build", str(recipe), "--out", str(root / "ray_cli"), "--engine", "ray", "--json"]) == 0
     assert f"{root / 'bad.jsonl'}:2: not a JSON line" in capsys.readouterr().err
     assert json.loads((root / "ray_cli" / "datasheet.json").read_text())["sources"][0]["bad_lines"] == 1
+
+
+def test_actor_encodes_in_the_local_engines_batches(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    # In-process, no Ray: a batch of kept documents longer than an encode batch comes back as several, in order.
+    monkeypatch.setattr(build, "BATCH_CHARS", 4000)
+    monkeypatch.setattr(ray_engine, "BATCH_CHARS", 4000)
+    tok = Tokenizer.load(root / "tokenizer.json")
+    worker = ray_engine._Worker(Preparer(load_recipe(write_recipe(root)), None), tok, 0.0)
+    kept = [(k, 2 if k == 3 else 1) for k in range(10)]
+    parts = worker.encode(CHUNKS[:10], 0, kept)
+    assert len(parts) > 2
+    expected = [t for k, copies in kept for _ in range(copies) for t in [*tok.encode(CHUNKS[k]), tok.eos_id]]
+    assert np.concatenate([p.tokens["train"] for p in parts]).tolist() == expected
+    assert sum(p.counts[0, "train"][0] for p in parts) == 11

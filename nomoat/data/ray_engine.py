@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from nomoat.data.build import Encoded, _pieces, shard_dtype
+from nomoat.data.build import BATCH_CHARS, Encoded, _pieces, shard_dtype
 from nomoat.data.recipe import BATCH_DOCS, Plan, Prepared, Preparer, RawBatch, Source, keep, read_batches
 from nomoat.errors import UserError
 from nomoat.tokenizer import Tokenizer
@@ -54,11 +54,12 @@ class _Worker:
     def prepare(self, raw: RawBatch, weight: float) -> tuple[Prepared, list[str]]:
         return self.preparer(raw, weight)
 
-    def encode(self, passed: list[str], source: int, kept: list[tuple[int, int]]) -> Encoded:
-        """Tokens of the kept documents, each repeated `copies` times, in order; see build._pieces."""
+    def encode(self, passed: list[str], source: int, kept: list[tuple[int, int]]) -> list[Encoded]:
+        """Tokens of the kept documents, each repeated `copies` times, in order, in encode batches as the local
+        engine cuts them (build._pieces)."""
         docs = ((source, passed[k]) for k, copies in kept for _ in range(copies))
-        batches = list(_pieces(docs, self.tokenizer, None, self.val_fraction, float("inf")))
-        return batches[0].encode(self.tokenizer, self.dtype) if batches else Encoded({}, {})
+        pieces = _pieces(docs, self.tokenizer, None, self.val_fraction, BATCH_CHARS)
+        return [batch.encode(self.tokenizer, self.dtype) for batch in pieces]
 
 
 def _get(ray: Any, ref: Any) -> Any:
@@ -154,6 +155,6 @@ def _stages(ray: Any, plan: Plan, bar: tqdm) -> Iterator[Encoded]:
             if kept:  # the actor that prepared the texts encodes them: they are in its node's object store
                 yield None, actor.encode.remote(passed, i, kept)
 
-    for _, batch in _in_order(ray, encoded(), AHEAD_BATCHES * n):
-        yield batch
+    for _, batches in _in_order(ray, encoded(), AHEAD_BATCHES * n):
+        yield from batches
     plan.read_all = True
