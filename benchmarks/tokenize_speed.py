@@ -4,7 +4,9 @@ The corpus is copies of Tiny Shakespeare: `--copies` whole-file .txt documents i
 same text cut into paragraph documents, in a temporary folder. Both sides use one byte-level BPE (trained on a
 slice) and the same pieces: documents cut as the builder cuts them, batched by the builder's character budget.
 The bare loop encodes preloaded strings and keeps nothing; the builder also reads, hashes and writes shards.
-Not here: multi-process builds, other tokenizer types, cold caches.
+Not here: multi-process builds, other tokenizer types, cold caches. The issue calls this benchmarks/tokenize.py;
+that name would shadow Python's own `tokenize` module (imported by `inspect`, `linecache`...) for a script run
+from benchmarks/, since a script's folder comes first on sys.path.
 Usage: `python benchmarks/tokenize_speed.py [--copies 16] [--threads 2] [--profile] [--json]`.
 """
 
