@@ -4,6 +4,7 @@ One Ray session serves the module (starting Ray takes seconds); the corpus and r
 """
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ real_stages = ray_engine._stages
 
 
 @pytest.fixture(scope="module")
-def ray_session() -> None:
+def ray_session() -> Iterator[None]:
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
