@@ -145,6 +145,16 @@ def test_n_and_seed(server):
     assert tokens.usage.prompt_tokens == 3
 
 
+@pytest.mark.parametrize("sampling", [{"temperature": 1e-300}, {"top_p": 1e-300}, {"top_p": 0.0}, {"temperature": 2.0}])
+def test_extreme_sampling_sampling_are_served(server, sampling):
+    """Below float32's range a temperature would overflow the logits and a nucleus would hold nothing: both
+    mean the most likely token."""
+    r = complete(server.client(), "ROMEO:", max_tokens=4, seed=0, **sampling)
+    assert r.choices[0].finish_reason in ("length", "stop")
+    if sampling.get("temperature", 1) < 1e-4 or sampling.get("top_p", 1) < 1e-6:
+        assert r.choices[0].text == complete(server.client(), "ROMEO:", max_tokens=4, temperature=0).choices[0].text
+
+
 BAD_REQUESTS = [
     ("/v1/completions", b'{"model": "tiny", "prompt": "a",', 400),
     ("/v1/completions", b"[1, 2]", 400),
