@@ -30,20 +30,18 @@ from nomoat.errors import UserError
 from nomoat.lora import ADAPTER_CONFIG, add_lora, load_adapter, merge_lora, read_adapter_config, save_adapter
 from nomoat.quant import dequantize_model, quantize_model
 from nomoat.tokenizer import Tokenizer
+from nomoat.train import Setup, TrainResult, pick_device, train
 
 IGNORE = -100  # target id that cross_entropy skips: prompt tokens and padding
 Row = tuple[list[int], list[int]]  # (inputs, targets) of one training row, targets IGNORE where not scored
 
 
 def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """(where, record) for each record: JSONL lines (`file:line`), a JSON array (`file[i]`), or a .txt file as
-    one plain-text record. Malformed JSON is named by file and line."""
+    """(where, record) for each record of JSONL lines (`file:line`) or a JSON array (`file[i]`); malformed JSON
+    is named by file and line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such data file")
-    if path.suffix == ".txt":
-        yield str(path), {"text": path.read_text(), "window": True}
-        return
     if path.suffix == ".json":
         try:
             records = json.loads(path.read_text())
@@ -78,17 +76,21 @@ def to_messages(record: dict[str, Any]) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
 
 
+def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
+    if tokenizer.eos_id is None:
+        raise UserError("the tokenizer has no eos token to end a document with")
+    return tokenizer.encode(text) + [tokenizer.eos_id]
+
+
 def encode_record(tokenizer: Tokenizer, record: Any, where: str) -> list[tuple[list[int], list[bool]]]:
-    """Token ids and loss mask of one record (several for a windowed .txt file); errors are prefixed with where."""
+    """Token ids and loss mask of one record; errors are prefixed with where."""
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
     try:
         if "messages" in record or ("instruction" in record and "output" in record):
             return [encode_chat(tokenizer, to_messages(record))]
         if isinstance(record.get("text"), str):
-            if tokenizer.eos_id is None:
-                raise UserError("the tokenizer has no eos token to end a document with")
-            ids = tokenizer.encode(record["text"]) + [tokenizer.eos_id]
+            ids = encode_text(tokenizer, record["text"])
             return [(ids, [True] * len(ids))]
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
@@ -126,36 +128,40 @@ def build_rows(
 ) -> tuple[list[Row], DataStats]:
     """Every record of a data file as rows of at most seq_len inputs; packed several to a row if asked."""
     stats = DataStats()
-    rows: list[Row] = []
-    for where, record in read_records(path):
-        stats.records += 1
-        for ids, mask in encode_record(tokenizer, record, where):
-            if isinstance(record, dict) and record.get("window"):  # a plain .txt file: cut into windows
-                pieces = [(ids[i : i + seq_len + 1], mask[i : i + seq_len + 1]) for i in range(0, len(ids), seq_len)]
-            elif len(ids) > seq_len + 1:
-                if overlong == "drop":
+    pieces: list[tuple[list[int], list[bool]]] = []
+    if Path(path).suffix == ".txt":  # plain text: one document, cut into windows that overlap by one token
+        stats.records = 1
+        ids = encode_text(tokenizer, Path(path).read_text())
+        windows = [ids[i : i + seq_len + 1] for i in range(0, len(ids) - 1, seq_len)]
+        pieces = [(w, [True] * len(w)) for w in windows]
+    else:
+        for where, record in read_records(path):
+            stats.records += 1
+            for ids, mask in encode_record(tokenizer, record, where):
+                if len(ids) <= seq_len + 1:
+                    pieces.append((ids, mask))
+                elif overlong == "truncate":
+                    stats.truncated += 1
+                    pieces.append((ids[: seq_len + 1], mask[: seq_len + 1]))
+                else:
                     stats.dropped_overlong += 1
-                    continue
-                stats.truncated += 1
-                pieces = [(ids[: seq_len + 1], mask[: seq_len + 1])]
-            else:
-                pieces = [(ids, mask)]
-            for piece_ids, piece_mask in pieces:
-                if len(piece_ids) < 2 or not any(piece_mask[1:]):
-                    stats.dropped_unscored += 1
-                    continue
-                rows.append(_row(piece_ids, piece_mask))
+    rows: list[Row] = []
+    for ids, mask in pieces:
+        if len(ids) < 2 or not any(mask[1:]):
+            stats.dropped_unscored += 1
+        else:
+            rows.append(_row(ids, mask))
     if not rows:
         raise UserError(f"{path}: no sample has a token to learn from ({stats.line()})")
     if packing:
-        rows = pack(rows, seq_len, tokenizer.eos_id or 0)
+        rows = pack(rows, seq_len)
     stats.rows = len(rows)
     stats.tokens = sum(len(x) for x, _ in rows)
     stats.scored = sum(sum(t != IGNORE for t in y) for _, y in rows)
     return rows, stats
 
 
-def pack(rows: list[Row], seq_len: int, pad_id: int) -> list[Row]:
+def pack(rows: list[Row], seq_len: int) -> list[Row]:
     """First-fit decreasing: whole samples into rows of seq_len, never split. Each keeps its own targets, so no
     target crosses from one sample into the next. (Attention still does, within a row, as in most packers.)"""
     bins: list[Row] = []
@@ -181,13 +187,16 @@ class RowLoader:
     def __init__(self, rows: list[Row], batch_size: int, seed: int, pad_id: int) -> None:
         self.rows, self.batch_size, self.seed, self.pad_id = rows, batch_size, seed, pad_id
         self.step = 0
+        self._order: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))  # (epoch, its permutation)
 
     def __iter__(self) -> RowLoader:
         return self
 
     def _index(self, k: int) -> int:
         epoch, i = divmod(k, len(self.rows))
-        return int(np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))[i])
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.rows)))
+        return int(self._order[1][i])
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         first = self.step * self.batch_size
@@ -234,10 +243,13 @@ def scored_bytes(tokenizer: Tokenizer, row: Row) -> int:
 
 @torch.no_grad()
 def masked_loss(
-    forward: Callable[[torch.Tensor], torch.Tensor], tokenizer: Tokenizer, rows: list[Row], batch_size: int = 8
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    tokenizer: Tokenizer,
+    rows: list[Row],
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
 ) -> dict[str, float]:
     """Mean loss over scored tokens, and bits per byte of their text."""
-    device = next(p for p in _params(forward)).device
     nats, tokens, nbytes = 0.0, 0, 0
     for i in range(0, len(rows), batch_size):
         x, y = pad_batch(rows[i : i + batch_size], tokenizer.eos_id or 0)
@@ -246,11 +258,6 @@ def masked_loss(
         tokens += int((y != IGNORE).sum())
         nbytes += sum(scored_bytes(tokenizer, r) for r in rows[i : i + batch_size])
     return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / max(1, nbytes)}
-
-
-def _params(forward: Callable) -> Iterator[torch.nn.Parameter]:
-    module = getattr(forward, "module", forward)  # DDP wraps the model
-    return module.parameters() if isinstance(module, torch.nn.Module) else iter(())
 
 
 def prepare_model(ckpt: Checkpoint, fc: FinetuneConfig, seed: int) -> torch.nn.Module:
@@ -275,13 +282,11 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Any:
+def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> TrainResult:
     """Fine-tune cfg.finetune.base on cfg.finetune.data through train(); returns train()'s TrainResult.
 
     LoRA checkpoints hold a PEFT adapter folder (adapter_config.json, adapter_model.safetensors); full
     fine-tuning checkpoints hold the whole model. Every checkpoint records its base for `nomoat info`."""
-    from nomoat.train import Setup, pick_device, train
-
     fc = cfg.finetune
     if fc is None or not fc.base or not fc.data:
         raise UserError("finetune.base and finetune.data must be set (nomoat finetune --base MODEL --data FILE)")
@@ -311,18 +316,17 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Any
         "inputs": [{"path": str(data), "sha256": _file_sha256(data), "tokens": stats.tokens}],
         "finetune": dataclasses.asdict(stats),
     }
-    export: Callable[[torch.nn.Module, Path], None] | None = None
-    if fc.method != "full":
-        export = lambda m, folder: save_adapter(m, folder, base=fc.base)  # noqa: E731
     setup = Setup(
         model=model,
         loader=RowLoader(rows, tc.batch_size, tc.seed, tokenizer.eos_id or 0),
         tokenizer=tokenizer,
-        val=(lambda forward: masked_loss(forward, tokenizer, val_rows, tc.batch_size)) if val_rows else None,
         manifest=manifest,
         extra_files=staged,
-        **({"export": export} if export else {}),
     )
+    if val_rows:
+        setup.val = lambda forward: masked_loss(forward, tokenizer, val_rows, device, tc.batch_size)
+    if fc.method != "full":  # checkpoints hold the adapter, not a copy of the base
+        setup.export = lambda m, folder: save_adapter(m, folder, base=fc.base)
     return train(cfg, resume=resume, progress=progress, setup=setup)
 
 
@@ -380,10 +384,17 @@ def load_tuned(path: str | Path, adapter: str | Path | None = None, device: str 
     return ckpt
 
 
-def _finetune_config(folder: Path) -> FinetuneConfig | None:
+def _tuned_config(folder: Path) -> RunConfig | None:
+    """The run config of a fine-tuning checkpoint; None for a bare adapter folder or a pretrained model."""
     if not (folder / "config.toml").is_file():
         return None
-    return from_dict(read_toml(folder / "config.toml"), where=str(folder / "config.toml")).finetune
+    cfg = from_dict(read_toml(folder / "config.toml"), where=str(folder / "config.toml"))
+    return cfg if cfg.finetune is not None else None
+
+
+def _finetune_config(folder: Path) -> FinetuneConfig | None:
+    cfg = _tuned_config(folder)
+    return cfg.finetune if cfg else None
 
 
 def merge(
@@ -400,7 +411,8 @@ def merge(
     back onto the NF4 grid (the precision a 4-bit deployment would use). Reports bits per byte on up to
     max_rows rows of `data` (default: the fine-tuning data) before and after, so that a damaging merge shows."""
     folder = _resolve(path)
-    fc = _finetune_config(folder)
+    tuned = _tuned_config(folder)
+    fc = tuned.finetune if tuned else None
     base = base or (fc.base if fc else None)
     if base is None:
         raise UserError(f"{folder}: no base model recorded; pass --base MODEL")
@@ -416,7 +428,7 @@ def merge(
     data = data or (fc.data if fc else None)
     rows = None
     if data:
-        seq_len = min(ckpt.cfg.train.seq_len, ckpt.cfg.model.max_seq_len)
+        seq_len = min((tuned or ckpt.cfg).train.seq_len, ckpt.cfg.model.max_seq_len)
         rows = build_rows(ckpt.tokenizer, data, seq_len)[0][:max_rows]
     before = masked_loss(model, ckpt.tokenizer, rows)["val_bpb"] if rows else None
     merge_lora(model)

@@ -129,7 +129,7 @@ def test_nothing_to_learn_is_an_error(base: Path, tmp_path: Path) -> None:
 
 def test_packing_keeps_every_target_inside_its_sample() -> None:
     rows = [([i] * n, [i + 100] * (n - 1) + [IGNORE]) for i, n in enumerate([5, 3, 7, 2, 6, 4])]
-    packed = pack(rows, 10, pad_id=0)
+    packed = pack(rows, 10)
     assert sorted(len(x) for x, _ in packed) == [7, 10, 10]  # first fit decreasing: 7+3, 6+4, 5+2
     for x, y in packed:
         for pos, (xi, yi) in enumerate(zip(x, y, strict=True)):
