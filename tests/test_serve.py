@@ -231,6 +231,7 @@ def test_max_context_caps_a_long_model_context(tokenizer):
         assert r.usage.total_tokens <= 16
 
 
+@pytest.mark.slow  # 64 requests: a few seconds on a loaded machine
 def test_32_concurrent_streams_equal_each_alone(server):
     """Answers do not depend on who else is in the batch, nor on joining mid-flight (8 slots, 32 clients): greedy
     ones, and seeded samples, each row with its own temperature, top_p and generator."""
