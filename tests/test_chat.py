@@ -184,3 +184,25 @@ def test_template_travels_with_the_tokenizer(base_tok: Tokenizer, tmp_path) -> N
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     back = Tokenizer.load(tmp_path / "tokenizer.json")
     assert (back.chat_template, back.bos_token, back.eos_token) == (MISTRAL, "<s>", "</s>")
+
+
+def test_template_travels_through_hf_conversion(base_tok: Tokenizer, tmp_path) -> None:
+    """to-hf writes what AutoTokenizer renders identically; from-hf brings the template, bos and eos back."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from nomoat.checkpoint import Checkpoint, load_checkpoint
+    from nomoat.config import ModelConfig, RunConfig, TrainConfig
+    from nomoat.convert import from_hf, to_hf
+    from nomoat.model import Transformer
+
+    cfg = ModelConfig(vocab_size=base_tok.vocab_size, n_layer=1, n_head=2, d_model=16, d_ff=32, max_seq_len=16,
+                      norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False)  # fmt: skip
+    tok = with_template(base_tok, "llama3")
+    torch.manual_seed(0)
+    run = RunConfig(model=cfg, train=TrainConfig(seq_len=16))
+    hf_dir = to_hf(Checkpoint(tmp_path, run, Transformer(cfg), tok, None), tmp_path / "hf")
+    theirs = AutoTokenizer.from_pretrained(hf_dir).apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert theirs == render_chat(tok, CHAT)
+    back = load_checkpoint(from_hf(hf_dir, tmp_path / "ckpt")).tokenizer
+    assert (back.chat_template, back.bos_token, back.eos_token) == (LLAMA3, "<|begin_of_text|>", "<|eot_id|>")

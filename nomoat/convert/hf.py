@@ -344,7 +344,7 @@ def to_hf(
 def _tokenizer_config(tok: Tokenizer) -> dict[str, Any]:
     cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000_000}
     if tok.eos_token:
-        cfg |= {"eos_token": tok.eos_token, "bos_token": tok.eos_token}
+        cfg |= {"eos_token": tok.eos_token, "bos_token": tok.bos_token or tok.eos_token}
     return cfg
 
 
