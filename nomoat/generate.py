@@ -22,10 +22,13 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> int:
-    """Draw one token id from the logits (V,) of the last position."""
-    if temperature <= 0:
+    """Draw one token id from the logits (V,) of the last position.
+
+    Temperatures too small for float32 to divide by are greedy, and top_p always keeps the likeliest token, so
+    extreme settings never turn the distribution into NaN."""
+    if temperature < 1e-5:
         return int(logits.argmax())
-    logits = logits.float() / temperature
+    logits = (logits.float() - logits.max()) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -33,6 +36,7 @@ def sample_next(
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        drop[0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))

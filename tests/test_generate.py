@@ -75,3 +75,11 @@ def test_text_streams_and_matches_one_shot_decode(model):
     pieces = list(generate_text(model, tok, "To be", max_new_tokens=20, temperature=0))
     ids = list(generate_tokens(model, tok.encode("To be"), max_new_tokens=20, temperature=0, eos_id=tok.eos_id))
     assert "".join(pieces) == tok.decode(ids)
+
+
+def test_extreme_sampling_settings_stay_finite():
+    logits = torch.tensor([1.0, 3.0, 2.0, 3.0 - 1e-3])
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits, temperature=1e-30, generator=g) == 1
+    assert sample_next(logits, temperature=1e-4, generator=g) in (1, 3)
+    assert sample_next(logits, temperature=1.0, top_p=1e-300, generator=g) == 1
