@@ -6,7 +6,7 @@ three-line context, four one-line endings) on the CPU in fp32, in one process, a
 Timed: everything from the task's file to the metrics (nomoat before and after the harness, averaged, so that
 load drifting on a shared machine hits both); not timed: loading each model, one warm-up forward, indexing the
 harness's tasks.
-Usage: `python benchmarks/eval_speed.py [--items 500] [--hf-batch-size 4] [--json]`.
+Usage: `python benchmarks/eval_speed.py [--items 500] [--hf-batch-size 16] [--json]`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ LLAMA = ModelConfig(
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--items", type=int, default=500)
-    p.add_argument("--hf-batch-size", type=int, default=4, help="the harness's batch_size for its HF backend")
+    p.add_argument("--hf-batch-size", type=int, default=16, help="the harness's batch_size for its HF backend")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 keeps torch's choice")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return p.parse_args()

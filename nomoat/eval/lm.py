@@ -66,7 +66,7 @@ def score_requests(
         for group in [*fits, None]:
             if chunk and (group is None or not _fits(chunk + [group], requests, window, budget)):
                 conts = [[list(requests[i][1]) for i in members] for _, members in chunk]
-                scores = _score_groups(model, head, [ctx for ctx, _ in chunk], conts, device)
+                scores = _score_groups(model, head, [ctx for ctx, _ in chunk], conts, device, budget)
                 for (_, members), group_scores in zip(chunk, scores, strict=True):
                     for i, score in zip(members, group_scores, strict=True):
                         out[i] = score
@@ -86,34 +86,63 @@ def score_requests(
 
 
 def _fits(chunk: list[tuple[list[int], list[int]]], requests: Sequence[Request], window: int, budget: int) -> bool:
-    """Whether the padded context batch and the padded continuation batch stay within budget and the window."""
+    """Whether the padded context batch stays within budget, and every row within the window."""
     n_ctx = max(len(ctx) for ctx, _ in chunk)
     n_cont = max(len(requests[i][1]) for _, members in chunk for i in members)
-    rows = sum(len(members) for _, members in chunk)
-    return n_ctx + n_cont - 1 <= window and max(n_ctx * len(chunk), (n_cont - 1) * rows) <= budget
+    return n_ctx + n_cont - 1 <= window and n_ctx * len(chunk) <= budget
 
 
 def _score_groups(
-    model: Transformer, head: nn.Module, contexts: list[list[int]], conts: list[list[list[int]]], device: torch.device
+    model: Transformer,
+    head: nn.Module,
+    contexts: list[list[int]],
+    conts: list[list[list[int]]],
+    device: torch.device,
+    budget: int,
 ) -> list[list[tuple[float, bool]]]:
-    """One forward over the contexts into a KV cache, then one over every continuation, each row starting from a
-    copy of its context's keys and values at its own position. Right padding is safe in both: a pad only ever
-    comes after the positions that are read."""
+    """One forward over the contexts into a KV cache, then the continuations in batches of similar length, each row
+    starting from a copy of its context's keys and values at its own position. Right padding is safe in both: a
+    pad only ever comes after the positions that are read."""
     lengths = [len(c) for c in contexts]
     n_ctx = max(lengths)
-    dtype = model.embed_tokens.weight.dtype
     batch = torch.zeros(len(contexts), n_ctx, dtype=torch.long)
     for g, ctx in enumerate(contexts):
         batch[g, : len(ctx)] = torch.tensor(ctx)
-    prefix = KVCache(model.cfg, len(contexts), n_ctx, device=device, dtype=dtype)
+    prefix = KVCache(model.cfg, len(contexts), n_ctx, device=device, dtype=model.embed_tokens.weight.dtype)
     hidden = model(batch.to(device), cache=prefix)  # (G, n_ctx, C)
     rows = [(g, cont) for g, group in enumerate(conts) for cont in group]
+    scores: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
+    while order:  # the shortest continuations first, as many rows as fit the budget once padded
+        take = 1
+        while take < len(order) and (len(rows[order[take]][1]) - 1) * (take + 1) <= budget:
+            take += 1
+        picked, order = order[:take], order[take:]
+        part = _score_rows(model, head, prefix, hidden, lengths, [rows[r] for r in picked], device)
+        for r, score in zip(picked, part, strict=True):
+            scores[r] = score
+    out: list[list[tuple[float, bool]]] = [[] for _ in contexts]
+    for (g, _), score in zip(rows, scores, strict=True):
+        out[g].append(score)
+    return out
+
+
+def _score_rows(
+    model: Transformer,
+    head: nn.Module,
+    prefix: KVCache,
+    hidden: torch.Tensor,
+    lengths: list[int],
+    rows: list[tuple[int, list[int]]],
+    device: torch.device,
+) -> list[tuple[float, bool]]:
+    """(log-likelihood, is_greedy) of each (context index, continuation) row after the contexts in prefix."""
     owner = torch.tensor([g for g, _ in rows], device=device)
     last = hidden[owner, torch.tensor([lengths[g] - 1 for g, _ in rows], device=device)]  # (R, C): each cont[0]
-    n_cont = max(len(cont) for _, cont in rows)
+    n_ctx, n_cont = hidden.size(1), max(len(cont) for _, cont in rows)
     pieces = [last[:, None]]
     if n_cont > 1:
-        cache = KVCache(model.cfg, len(rows), n_ctx + n_cont - 1, device=device, dtype=dtype)
+        cache = KVCache(model.cfg, len(rows), n_ctx + n_cont - 1, device=device, dtype=hidden.dtype)
         for dst, src in zip(cache.k + cache.v, prefix.k + prefix.v, strict=True):
             dst[:, :, :n_ctx] = src.index_select(0, owner)
         cache.pos = torch.tensor([lengths[g] for g, _ in rows], device=device)  # (R,): per-row positions
@@ -127,11 +156,10 @@ def _score_groups(
     logp = F.log_softmax(head(states[keep]).float(), dim=-1)  # (N, V), only at scored positions
     token_ll = logp.gather(-1, targets[:, None])[:, 0]
     hit = logp.argmax(-1) == targets
-    out: list[list[tuple[float, bool]]] = [[] for _ in contexts]
-    start = 0
-    for g, cont in rows:
+    out, start = [], 0
+    for _, cont in rows:
         end = start + len(cont)
-        out[g].append((token_ll[start:end].sum().item(), bool(hit[start:end].all())))
+        out.append((token_ll[start:end].sum().item(), bool(hit[start:end].all())))
         start = end
     return out
 
