@@ -185,9 +185,9 @@ def test_tiny_model_learns_to_answer_and_stop(
     base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = write_jsonl(tmp_path / "chats.jsonl", chat_records())
-    cfg = ft_config(base, data, tmp_path / "run", method="full")
-    result = finetune(cfg, progress=False)
-    assert result.train_loss < 0.05
+    result = finetune(ft_config(base, data, tmp_path / "run", method="full", val_data=str(data)), progress=False)
+    assert result.train_loss < 0.05 and result.val_loss is not None and result.val_loss < 0.05
+    assert result.val_bpb is not None and 0 < result.val_bpb < 0.1  # scored tokens only, over their UTF-8 bytes
     tuned = load_tuned(tmp_path / "run")
     for q, a in CHATS:
         text, stopped = answer(tuned.model, tuned.tokenizer, q)
