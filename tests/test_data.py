@@ -123,6 +123,26 @@ def test_chunking_disabled_when_not_exact() -> None:
     assert not build._chunking_is_exact(Tokenizer(hf))
 
 
+def test_joined_documents_encode_as_separate_ones(tok: Tokenizer, tmp_path: Path, monkeypatch) -> None:
+    # Short documents of one input and split share an encode input, joined by EOS's text; the shards must equal
+    # those of one input per document. Documents start and end in whitespace, and some hold EOS's text.
+    docs = [f"  {d}\n\n" if k % 3 else f"{d} <|endoftext|> x" for k, d in enumerate(DOCS)]
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", docs)
+    assert build._joining_is_exact(tok)
+    build_shards([jsonl], tok, tmp_path / "joined", val_fraction=0.2, shard_tokens=3000, progress=False)
+    monkeypatch.setattr(build, "_joining_is_exact", lambda tok: False)
+    build_shards([jsonl], tok, tmp_path / "apart", val_fraction=0.2, shard_tokens=3000, progress=False)
+    assert file_hashes(tmp_path / "joined") == file_hashes(tmp_path / "apart")
+
+
+def test_joining_disabled_when_eos_strips_whitespace() -> None:
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.add_special_tokens([tokenizers.AddedToken("<|endoftext|>", lstrip=True, rstrip=True)])
+    hf.train_from_iterator([TEXT], tokenizers.trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    assert not build._joining_is_exact(Tokenizer(hf))
+
+
 def test_build_single_txt_matches_whole_encoding(tok: Tokenizer, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(build, "CHUNK_CHARS", 5000)  # many chunks, some shard cuts inside them
     monkeypatch.setattr(build, "BATCH_CHARS", 12_000)  # a document spans several encode batches

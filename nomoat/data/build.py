@@ -207,6 +207,18 @@ def _chunking_is_exact(tokenizer: Tokenizer) -> bool:
     return sum(tokenizer.encode_batch(_SPLIT_POINT.split(_PROBE)), []) == tokenizer.encode(_PROBE)
 
 
+def _joining_is_exact(tokenizer: Tokenizer) -> bool:
+    """Whether documents joined by the EOS token's text encode as each document followed by EOS. True where EOS is
+    a special token split off before pre-tokenization (GPT-2, Llama 3); false e.g. where it strips the whitespace
+    around it, or a SentencePiece-style tokenizer marks only an input's first word. Then each document is its
+    own encode input: slower, never wrong."""
+    if tokenizer.eos_token is None:
+        return False
+    docs = [*_SPLIT_POINT.split(_PROBE), " lead", "trail \n\n"]
+    joined = [t for ids in tokenizer.encode_batch(docs) for t in [*ids, tokenizer.eos_id]][:-1]
+    return tokenizer.encode(tokenizer.eos_token.join(docs)) == joined
+
+
 def _in_val(data: bytes, val_fraction: float) -> bool:
     # Content-based: a document's split does not depend on file order, and duplicates land together.
     return int.from_bytes(hashlib.sha256(data).digest(), "big") / 2**256 < val_fraction
@@ -264,19 +276,41 @@ class Encoded:
 
 
 class _Pieces:
-    """Pieces of documents waiting for one encode_batch call, and what each belongs to."""
+    """Pieces of documents waiting for one encode_batch call, and what each belongs to.
 
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-        self.owners: list[tuple[int, str, bool]] = []  # (input index, split, piece ends its document)
+    Where `joiner` (the EOS token's text) is given, consecutive short documents of one input and split form one
+    encode input, joined by it: one Encoding and one list of ids for many documents, where the Python side of
+    each costs about as much as encoding a short document."""
+
+    def __init__(self, joiner: str | None) -> None:
+        self.joiner = joiner
+        self.parts: list[list[str]] = []  # each entry is one encode input: its parts joined by `joiner`
+        self.owners: list[tuple[int, str, bool]] = []  # (input index, split, entry ends a document)
         self.counts: dict[tuple[int, str], list[int]] = {}
         self.chars = 0
+        self.open_chars = -1  # characters in the last entry while it may take another whole document
+
+    def add(self, i: int, split: str, piece: str, last: bool, whole: bool) -> None:
+        if (
+            whole
+            and self.joiner is not None
+            and 0 <= self.open_chars <= CHUNK_CHARS - len(piece)
+            and self.owners[-1][:2] == (i, split)
+        ):
+            self.parts[-1].append(piece)
+            self.open_chars += len(piece)
+        else:
+            self.parts.append([piece])
+            self.owners.append((i, split, last))
+            self.open_chars = len(piece) if whole else -1
+        self.chars += len(piece)
 
     def encode(self, tokenizer: Tokenizer, dtype: np.dtype) -> Encoded:
         """Encode every piece; runs in a worker thread or a Ray worker, so the caller only writes."""
         eos = tokenizer.eos_id
         per_split: dict[str, list[list[int]]] = {}
-        for (i, split, last), ids in zip(self.owners, tokenizer.encode_batch(self.texts), strict=True):
+        texts = [(self.joiner or "").join(parts) for parts in self.parts]  # without a joiner, one part each
+        for (i, split, last), ids in zip(self.owners, tokenizer.encode_batch(texts), strict=True):
             if last:
                 ids.append(eos)
             per_split.setdefault(split, []).append(ids)
@@ -305,7 +339,8 @@ def _pieces(
     A document of input i goes to splits[i], or, where that is None (or `splits` is), to the split its content
     hashes to. The first batch is small, so that encoding starts soon; later ones grow to `max_chars`."""
     chunked = _chunking_is_exact(tokenizer)
-    batch, budget = _Pieces(), min(max_chars, BATCH_CHARS // 16)
+    joiner = tokenizer.eos_token if _joining_is_exact(tokenizer) else None
+    batch, budget = _Pieces(joiner), min(max_chars, BATCH_CHARS // 16)
     for i, text in documents:
         if not text:
             continue  # an empty document would add nothing but a lone EOS
@@ -316,13 +351,11 @@ def _pieces(
         count[1] += len(data)
         doc_pieces = _chunks(text) if chunked and len(text) > CHUNK_CHARS else [text]
         for j, piece in enumerate(doc_pieces):
-            batch.texts.append(piece)
-            batch.owners.append((i, split, j == len(doc_pieces) - 1))
-            batch.chars += len(piece)
+            batch.add(i, split, piece, j == len(doc_pieces) - 1, len(doc_pieces) == 1)
             if batch.chars >= budget:
                 yield batch
-                batch, budget = _Pieces(), min(2 * budget, max_chars)
-    if batch.texts:
+                batch, budget = _Pieces(joiner), min(2 * budget, max_chars)
+    if batch.parts:
         yield batch
 
 
