@@ -33,7 +33,8 @@ from nomoat.tokenizer import Tokenizer
 from nomoat.train import Setup, TrainResult, pick_device, train
 
 IGNORE = -100  # target id that cross_entropy skips: prompt tokens and padding
-Row = tuple[list[int], list[int]]  # (inputs, targets) of one training row, targets IGNORE where not scored
+# (inputs, targets) of one training row, targets IGNORE where not scored; packed rows add each token's sample id
+Row = tuple[list[int], ...]
 
 
 def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
@@ -156,26 +157,29 @@ def build_rows(
     if packing:
         rows = pack(rows, seq_len)
     stats.rows = len(rows)
-    stats.tokens = sum(len(x) for x, _ in rows)
-    stats.scored = sum(sum(t != IGNORE for t in y) for _, y in rows)
+    stats.tokens = sum(len(r[0]) for r in rows)
+    stats.scored = sum(sum(t != IGNORE for t in r[1]) for r in rows)
     return rows, stats
 
 
 def pack(rows: list[Row], seq_len: int) -> list[Row]:
-    """First-fit decreasing: whole samples into rows of seq_len, never split. Each keeps its own targets, so no
-    target crosses from one sample into the next. (Attention still does, within a row, as in most packers.)"""
+    """First-fit decreasing: whole samples into rows of seq_len, never split. Each token carries its sample's id,
+    so the model attends only within a sample and restarts its positions (Transformer.forward's segments):
+    a packed row computes exactly what its samples would alone."""
     bins: list[Row] = []
     space: list[int] = []
-    for x, y in sorted(rows, key=lambda r: -len(r[0])):
+    for x, y, *_ in sorted(rows, key=lambda r: -len(r[0])):
         # look at the newest bins only: first fit over all of them is quadratic in the number of samples
         first = max(0, len(bins) - 64)
         i = next((j for j in range(first, len(bins)) if space[j] >= len(x)), None)
         if i is None:
-            bins.append(([], []))
+            bins.append(([], [], []))
             space.append(seq_len)
             i = len(bins) - 1
+        sample = bins[i][2][-1] + 1 if bins[i][2] else 0
         bins[i][0].extend(x)
         bins[i][1].extend(y)
+        bins[i][2].extend([sample] * len(x))
         space[i] -= len(x)
     return bins
 
@@ -198,7 +202,7 @@ class RowLoader:
             self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.rows)))
         return int(self._order[1][i])
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple[torch.Tensor, ...]:
         first = self.step * self.batch_size
         picked = [self.rows[self._index(k)] for k in range(first, first + self.batch_size)]
         self.step += 1
@@ -216,17 +220,22 @@ class RowLoader:
         self.step = int(state["step"])
 
 
-def pad_batch(rows: list[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) of shape (B, T) for T the longest row; padding is never scored."""
-    T = max(len(x) for x, _ in rows)
+def pad_batch(rows: list[Row], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """(x, y) of shape (B, T) for T the longest row, plus the sample ids of packed rows; padding is never scored
+    and forms a sample of its own."""
+    T = max(len(r[0]) for r in rows)
     x = torch.full((len(rows), T), pad_id, dtype=torch.long)
     y = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-    for i, (xs, ys) in enumerate(rows):
+    packed = len(rows[0]) == 3
+    segments = torch.full((len(rows), T), len(rows[0][0]) + 1, dtype=torch.long) if packed else None
+    for i, (xs, ys, *rest) in enumerate(rows):
         x[i, : len(xs)] = torch.tensor(xs)
         y[i, : len(ys)] = torch.tensor(ys)
+        if segments is not None:
+            segments[i, : len(xs)] = torch.tensor(rest[0])
     if (y == IGNORE).all():
         raise UserError("a batch has no scored token (its loss mask is all zero): nothing would be learned")
-    return x, y
+    return (x, y) if segments is None else (x, y, segments)
 
 
 def scored_bytes(tokenizer: Tokenizer, row: Row) -> int:
@@ -252,8 +261,8 @@ def masked_loss(
     """Mean loss over scored tokens, and bits per byte of their text."""
     nats, tokens, nbytes = 0.0, 0, 0
     for i in range(0, len(rows), batch_size):
-        x, y = pad_batch(rows[i : i + batch_size], tokenizer.eos_id or 0)
-        logits = forward(x.to(device)).float()
+        x, y, *segments = pad_batch(rows[i : i + batch_size], tokenizer.eos_id or 0)
+        logits = forward(x.to(device), segments=segments[0].to(device) if segments else None).float()
         nats += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
         tokens += int((y != IGNORE).sum())
         nbytes += sum(scored_bytes(tokenizer, r) for r in rows[i : i + batch_size])

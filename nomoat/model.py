@@ -118,6 +118,7 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None,
         pos: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.h, self.d).transpose(1, 2)  # (B, H, T, D)
@@ -125,7 +126,6 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.k, self.d).transpose(1, 2)  # (B, K, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        mask = None
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)  # (B, K, S, D), S = cache.max_len
             # Unwritten slots hold zeros and later tokens' slots are in the future: a query at position p sees
@@ -174,11 +174,12 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None,
         pos: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.parallel:  # GPT-J/NeoX: x + attn(ln1(x)) + mlp(ln2(x))
-            attn = self.self_attn(self.input_layernorm(x), rope, cache, pos)
+            attn = self.self_attn(self.input_layernorm(x), rope, cache, pos, mask)
             return x + attn + self.mlp(self.post_attention_layernorm(x))
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, pos)
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -229,18 +230,31 @@ class Transformer(nn.Module):
             self.rope_cos, self.rope_sin = (t.to(device) for t in rope_tables(cfg, cfg.max_seq_len))
 
     def forward(
-        self, idx: torch.Tensor, cache: KVCache | None = None, logits_at: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        logits_at: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, V). With a cache, idx continues the cached sequence; the caller keeps
         it within cache.max_len (reading cache.pos back to check would stall every step on a device sync).
         logits_at (B,) picks one position per row, giving (B, 1, V): a prefill that needs only each prompt's next
-        token then skips the vocabulary projection of every other position."""
+        token then skips the vocabulary projection of every other position. segments (B, T) label the samples
+        packed into each row (runs of equal ids): a token attends only within its own sample, whose positions
+        start again at 0, so a packed row computes exactly what its samples would alone."""
         B, T = idx.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         pos = torch.arange(T, device=idx.device)  # (T,)
+        mask = None
         if cache is not None:
             pos = pos + cache.pos[..., None]  # (T,), or (B, T) with per-row positions
+        elif segments is not None:
+            starts = torch.ones_like(segments, dtype=torch.bool)
+            starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+            pos = pos - torch.where(starts, pos, 0).cummax(dim=1).values  # (B, T): offset within the sample
+            same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+            mask = (same & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()).unsqueeze(1)  # (B, 1, T, T)
         x = self.embed_tokens(idx)  # (B, T, C)
         rope = None
         if self.cfg.pos_emb == "learned":
@@ -248,7 +262,7 @@ class Transformer(nn.Module):
         else:
             rope = (self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3))  # (1, T, R) or (B, 1, T, R)
         for layer in self.layers:
-            x = layer(x, rope, cache, pos)
+            x = layer(x, rope, cache, pos, mask)
         if cache is not None:
             cache.pos += T
         if logits_at is not None:

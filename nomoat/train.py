@@ -67,7 +67,7 @@ def train_step(
     forward: Callable[[torch.Tensor], torch.Tensor],
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    batches: list[tuple[torch.Tensor, ...]],
     tc: TrainConfig,
     autocast: torch.autocast | None,
     device: torch.device,
@@ -77,11 +77,11 @@ def train_step(
     `forward` is the model itself or its DDP wrapper; the benchmark calls this same function. Targets of -100
     (prompt tokens in fine-tuning) are not scored."""
     loss_sum = torch.zeros((), device=device)
-    for i, (x, y) in enumerate(batches):
+    for i, (x, y, *segments) in enumerate(batches):  # segments: sample ids of packed fine-tuning rows
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         distributed.set_grad_sync(forward, i == len(batches) - 1)
         with autocast or contextlib.nullcontext():
-            logits = forward(x)
+            logits = forward(x, segments=segments[0].to(device)) if segments else forward(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / len(batches)
         loss.backward()
         loss_sum += loss.detach()

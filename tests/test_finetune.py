@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from nomoat.chat import render_chat, stream_reply
-from nomoat.checkpoint import save_checkpoint
+from nomoat.checkpoint import load_checkpoint, save_checkpoint
 from nomoat.cli import main
 from nomoat.config import FinetuneConfig, ModelConfig, RunConfig, TrainConfig
 from nomoat.errors import UserError
-from nomoat.finetune import IGNORE, RowLoader, build_rows, finetune, load_tuned, merge, pack
+from nomoat.finetune import IGNORE, RowLoader, build_rows, finetune, load_tuned, masked_loss, merge, pack
 from nomoat.generate import generate_tokens
 from nomoat.model import Transformer
 from nomoat.tokenizer import Tokenizer, train_tokenizer
@@ -130,10 +130,26 @@ def test_nothing_to_learn_is_an_error(base: Path, tmp_path: Path) -> None:
 def test_packing_keeps_every_target_inside_its_sample() -> None:
     rows = [([i] * n, [i + 100] * (n - 1) + [IGNORE]) for i, n in enumerate([5, 3, 7, 2, 6, 4])]
     packed = pack(rows, 10)
-    assert sorted(len(x) for x, _ in packed) == [7, 10, 10]  # first fit decreasing: 7+3, 6+4, 5+2
-    for x, y in packed:
+    assert sorted(len(x) for x, _, _ in packed) == [7, 10, 10]  # first fit decreasing: 7+3, 6+4, 5+2
+    for x, y, samples in packed:
         for pos, (xi, yi) in enumerate(zip(x, y, strict=True)):
             assert yi in (IGNORE, xi + 100), (pos, x, y)  # every target belongs to the sample of its input
+        assert [x[i] for i in range(1, len(x)) if samples[i] != samples[i - 1]] == [x[-1]]  # one boundary
+
+
+def test_packed_rows_score_what_the_samples_score_alone(base: Path, tmp_path: Path) -> None:
+    ckpt = load_checkpoint(base)
+    chats = [
+        {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Yes " * i}]}
+        for i in range(1, 7)
+    ]
+    data = write_jsonl(tmp_path / "d.jsonl", chats)
+    alone, _ = build_rows(ckpt.tokenizer, data, 60)
+    packed, _ = build_rows(ckpt.tokenizer, data, 60, packing=True)
+    assert len(packed) < len(alone)
+    a = masked_loss(ckpt.model, ckpt.tokenizer, alone)
+    b = masked_loss(ckpt.model, ckpt.tokenizer, packed)
+    assert abs(a["val_loss"] - b["val_loss"]) < 1e-5 and abs(a["val_bpb"] - b["val_bpb"]) < 1e-5
 
 
 def test_loader_batches_are_a_function_of_seed_and_step() -> None:
@@ -284,3 +300,11 @@ def test_cli_bad_input_is_one_line_exit_2(base: Path, tmp_path: Path, capsys: py
     )
     assert main(["finetune", "--base", str(base), "--data", str(data), "--finetune.lora_rnk", "4"]) == 2
     assert "did you mean 'finetune.lora_rank'" in capsys.readouterr().err
+
+
+def test_packed_fine_tuning_runs_through_the_loop(base: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", chat_records())
+    cfg = ft_config(base, data, tmp_path / "run", method="lora", packing=True, train={"steps": 3, "log_every": 1})
+    finetune(cfg, progress=False)
+    losses = [json.loads(r)["loss"] for r in (tmp_path / "run/metrics.jsonl").read_text().splitlines() if "loss" in r]
+    assert len(losses) == 3 and all(0 < v < 20 for v in losses)

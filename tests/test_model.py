@@ -140,3 +140,17 @@ def test_one_token_step_traces_once(name):
     with torch._dynamo.config.patch(error_on_recompile=True):
         pieces += [step(idx[:, t : t + 1], cache) for t in range(4, 12)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), model(idx), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+def test_packed_samples_compute_what_they_compute_alone(name):
+    model = build(name)
+    a, b, c = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 5)), torch.randint(0, 97, (1, 12))
+    row = torch.cat([a, b, c], dim=1)  # (1, 24)
+    segments = torch.tensor([[0] * 7 + [1] * 5 + [2] * 12])
+    with torch.no_grad():
+        packed = model(row, segments=segments)
+        alone = torch.cat([model(a), model(b), model(c)], dim=1)
+        leaky = model(row)  # without segments the later samples see the earlier ones
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(leaky[:, 7:], alone[:, 7:], atol=1e-3)
