@@ -9,7 +9,6 @@ loading a tuned model back, and `merge`. Not here: the loop itself (train.py), L
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from nomoat.chat import encode_chat
 from nomoat.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from nomoat.config import FinetuneConfig, RunConfig, from_dict, read_toml
+from nomoat.data.loader import file_sha256
 from nomoat.errors import UserError
 from nomoat.lora import ADAPTER_CONFIG, add_lora, load_adapter, merge_lora, read_adapter_config, save_adapter
 from nomoat.quant import dequantize_model, quantize_model
@@ -283,14 +283,6 @@ def prepare_model(ckpt: Checkpoint, fc: FinetuneConfig, seed: int) -> torch.nn.M
     return model
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> TrainResult:
     """Fine-tune cfg.finetune.base on cfg.finetune.data through train(); returns train()'s TrainResult.
 
@@ -322,7 +314,7 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Tra
     staged = _stage_base_files(Path(base.path), run_dir / "base_files")
     data = Path(fc.data)
     manifest = {
-        "inputs": [{"path": str(data), "sha256": _file_sha256(data), "tokens": stats.tokens}],
+        "inputs": [{"path": str(data), "sha256": file_sha256(data), "tokens": stats.tokens}],
         "finetune": dataclasses.asdict(stats),
     }
     setup = Setup(

@@ -39,7 +39,7 @@ class ShardSet:
             size, expected = path.stat().st_size, shard["tokens"] * dtype.itemsize
             if size != expected:
                 raise UserError(f"{path}: has {size} bytes, manifest says {expected}; rebuild the shards")
-            if verify and _file_sha256(path) != shard["sha256"]:
+            if verify and file_sha256(path) != shard["sha256"]:
                 raise UserError(f"{path}: sha256 differs from the manifest (corrupt); rebuild the shards")
             self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
         self.tokens: int = info["tokens"]
@@ -57,7 +57,7 @@ class ShardSet:
         return np.concatenate(out).astype(np.int64)
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
