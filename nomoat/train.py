@@ -265,6 +265,11 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, setup: Se
     device = distributed.local_device(pick_device(tc.device), world)
     distributed.check_same_config(config_text(cfg), world)
     setup = setup or pretraining_setup(cfg, device)
+    if tc.eval_tasks:  # a bad task file fails now, not at the first validation an hour in
+        from nomoat.eval.tasks import parse_task_arg, read_items
+
+        for arg in tc.eval_tasks:
+            read_items(*parse_task_arg(arg))
     model, loader = setup.model, setup.loader
     autocast = None if distributed.uses_fsdp_precision(tc, device, world) else autocast_for(device, tc.dtype)
     forward = distributed.parallelize(model, tc, device, world)

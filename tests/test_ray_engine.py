@@ -75,3 +75,9 @@ def test_actor_encodes_in_the_local_engines_batches(root: Path, monkeypatch: pyt
     expected = [t for k, copies in kept for _ in range(copies) for t in [*tok.encode(CHUNKS[k]), tok.eos_id]]
     assert np.concatenate([p.tokens["train"] for p in parts]).tolist() == expected
     assert sum(p.counts[0, "train"][0] for p in parts) == 11
+
+
+def test_an_unreachable_cluster_is_named_at_once() -> None:
+    with pytest.raises(UserError, match=r"cannot join the Ray cluster at 127.0.0.1:1: "):
+        ray_engine._check_reachable("127.0.0.1:1")  # nothing listens on port 1; Ray itself would retry for minutes
+    ray_engine._check_reachable("auto")  # forms Ray resolves itself pass through

@@ -151,3 +151,10 @@ def test_compiled_blocks_train_like_eager_and_save_the_same_names(shakespeare_sh
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4, (a, b)
     names = [load_file(str(r.checkpoint / "model.safetensors")).keys() for r in (eager, compiled)]
     assert names[0] == names[1]
+
+
+def test_a_bad_eval_task_file_stops_the_run_before_training(shakespeare_shards, tmp_path):
+    cfg = tiny_run(shakespeare_shards, tmp_path / "run", eval_tasks=("piqa=" + str(tmp_path / "missing.jsonl"),))
+    with pytest.raises(UserError, match="missing.jsonl"):
+        train(cfg, progress=False)
+    assert not list_checkpoints(tmp_path / "run")

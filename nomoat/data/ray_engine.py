@@ -14,6 +14,7 @@ import collections
 import itertools
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -95,11 +96,23 @@ def encode_on_ray(plan: Plan, bar: tqdm, address: str | None) -> Iterator[Encode
     return _encode(_ray(), plan, bar, address)  # fails now if Ray is missing, and starts Ray at the first batch
 
 
+def _check_reachable(address: str) -> None:
+    """Ray retries an unreachable head for minutes; a host:port that refuses a TCP connection is named at once."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and other forms Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as e:
+        raise UserError(f"cannot join the Ray cluster at {address}: {e.strerror or e}") from None
+
+
 def _encode(ray: Any, plan: Plan, bar: tqdm, address: str | None) -> Iterator[Encoded]:
     started = not ray.is_initialized()  # a Ray session the caller started stays up for the caller
     if started:
         try:
             if address:
+                _check_reachable(address)
                 ray.init(address=address, logging_level=logging.WARNING)
             else:
                 cpus = plan.recipe.corpus.workers or os.cpu_count() or 1
