@@ -107,6 +107,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str], argv: list[st
     from nomoat.config import load_config
     from nomoat.train import TrainingInterrupted, train
 
+    cfg = load_config(args.config, overrides)  # a bad config is reported once, before any rank starts
     if args.nproc > 1:  # re-enter this command under torchrun, one process per rank
         from nomoat.distributed import launch
 
@@ -115,7 +116,6 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str], argv: list[st
             args.nproc, [a for i, a in enumerate(argv) if i not in drop | {j + 1 for j in drop} and "--nproc=" not in a]
         )
         return 0
-    cfg = load_config(args.config, overrides)
     try:
         result = train(cfg, resume=args.resume, progress=not args.json)
     except TrainingInterrupted as e:

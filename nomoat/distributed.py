@@ -198,4 +198,5 @@ def launch(nproc: int, argv: list[str]) -> None:
             why = f"killed by {failure.signal_name()}"
         else:
             why = f"exit status {failure.exitcode}"
-        raise UserError(f"rank {rank} failed ({why}); the job stopped, and its last checkpoint is intact") from None
+        stopped = "the job stopped, and the checkpoints it saved are intact"
+        raise UserError(f"rank {rank} failed ({why}); {stopped}") from None
