@@ -20,17 +20,14 @@ from pathlib import Path
 import torch
 
 from nomoat.checkpoint import load_checkpoint, save_checkpoint
-from nomoat.config import ModelConfig, RunConfig, TrainConfig
+from nomoat.config import RunConfig, TrainConfig, load_config
 from nomoat.convert import to_hf
 from nomoat.eval.tasks import evaluate_task, load_task
 from nomoat.model import Transformer
 from nomoat.tokenizer import train_tokenizer
 
 SHAKESPEARE = Path(__file__).parents[1] / "nomoat/assets/tinyshakespeare.txt"
-LLAMA = ModelConfig(
-    vocab_size=32000, n_kv_head=4, d_ff=2048, max_seq_len=1024, norm="rmsnorm", mlp="swiglu", pos_emb="rope",
-    bias=False, tie_embeddings=False, init="normal",
-)  # fmt: skip
+LLAMA = load_config("llama-125m").model
 
 
 def parse_args() -> argparse.Namespace:

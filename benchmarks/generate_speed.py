@@ -18,23 +18,13 @@ from pathlib import Path
 
 import torch
 
-from nomoat.config import ModelConfig
+from nomoat.config import ModelConfig, load_config
 from nomoat.generate import generate_tokens
 from nomoat.model import Transformer
 
 SHAPES = {
     "gpt2": ModelConfig(),  # the defaults are GPT-2 124M
-    "llama": ModelConfig(
-        vocab_size=32000,
-        n_kv_head=4,
-        d_ff=2048,
-        norm="rmsnorm",
-        mlp="swiglu",
-        pos_emb="rope",
-        bias=False,
-        tie_embeddings=False,
-        init="normal",
-    ),
+    "llama": load_config("llama-125m").model,
 }
 
 # One timed generation: (new token ids, wall time of the call start, wall time at which each new token arrived).

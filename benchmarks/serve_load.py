@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import multiprocessing
 import socket
@@ -51,22 +52,11 @@ def serve_random_model(port: int, n_layer: int, max_batch: int, seed: int) -> No
     import torch
     import uvicorn
 
-    from nomoat.config import ModelConfig
+    from nomoat.config import load_config
     from nomoat.model import Transformer
     from nomoat.serve.app import build_app
 
-    cfg = ModelConfig(
-        vocab_size=32000,
-        n_layer=n_layer,
-        n_kv_head=4,
-        d_ff=2048,
-        norm="rmsnorm",
-        mlp="swiglu",
-        pos_emb="rope",
-        bias=False,
-        tie_embeddings=False,
-        init="normal",
-    )
+    cfg = dataclasses.replace(load_config("llama-125m").model, n_layer=n_layer)
     torch.manual_seed(seed)
     model = Transformer(cfg).eval()
     print(f"server: {model.num_params() / 1e6:.0f}M parameters, {torch.get_num_threads()} threads", flush=True)
