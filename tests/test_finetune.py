@@ -220,36 +220,15 @@ def test_tiny_model_learns_to_answer_and_stop(
 @pytest.mark.slow
 def test_lora_run_resumes_exactly_and_merges(base: Path, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "chats.jsonl", chat_records())
-    cfg = ft_config(
-        base,
-        data,
-        tmp_path / "a",
-        method="lora",
-        lora_rank=4,
-        lora_dropout=0.1,
-        train={"steps": 8, "log_every": 1, "lr": 1e-2},
-    )
-    finetune(cfg, progress=False)
+
+    def lora_run(out: str, steps: int) -> RunConfig:
+        train = {"steps": steps, "log_every": 1, "lr": 1e-2}
+        return ft_config(base, data, tmp_path / out, method="lora", lora_rank=4, lora_dropout=0.1, train=train)
+
+    finetune(lora_run("a", 8), progress=False)
     losses = [json.loads(r)["loss"] for r in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
-    half = ft_config(
-        base,
-        data,
-        tmp_path / "b",
-        method="lora",
-        lora_rank=4,
-        lora_dropout=0.1,
-        train={"steps": 4, "log_every": 1, "lr": 1e-2},
-    )
-    finetune(half, progress=False)
-    again = ft_config(
-        base,
-        data,
-        tmp_path / "b",
-        method="lora",
-        lora_rank=4,
-        lora_dropout=0.1,
-        train={"steps": 8, "log_every": 1, "lr": 1e-2},
-    )
+    finetune(lora_run("b", 4), progress=False)
+    again = lora_run("b", 8)
     result = finetune(again, resume=True, progress=False)
     resumed = [json.loads(r)["loss"] for r in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
     assert resumed == losses
