@@ -14,6 +14,8 @@ from nomoat.errors import UserError
 from nomoat.model import KVCache, Transformer
 from nomoat.tokenizer import Tokenizer, decode_stream
 
+GREEDY_BELOW = 1e-5  # temperatures under this are an argmax anyway, and dividing by them overflows float32
+
 
 def sample_next(
     logits: torch.Tensor,
@@ -26,7 +28,7 @@ def sample_next(
 
     Temperatures too small for float32 to divide by are greedy, and top_p always keeps the likeliest token, so
     extreme settings never turn the distribution into NaN."""
-    if temperature < 1e-5:
+    if temperature < GREEDY_BELOW:
         return int(logits.argmax())
     logits = (logits.float() - logits.max()) / temperature
     if top_k:

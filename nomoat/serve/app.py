@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nomoat.chat import render_chat, turn_closer
 from nomoat.errors import UserError
 from nomoat.model import Transformer
 from nomoat.serve.engine import Engine, Event, Generation, QueueFull, SamplingParams
@@ -174,6 +175,11 @@ def build_app(
     engine = Engine(model, tokenizer, max_batch, max_queue, max_context, metrics=metrics)
     context = engine.max_len
     created = int(time.time())
+    page_html = resources.files("nomoat.serve").joinpath("page.html").read_text()
+    try:  # what the template writes after a reply ("<|im_end|>", "<|eot_id|>"): a stop string even when only text
+        closer = turn_closer(tokenizer)
+    except UserError:
+        closer = ""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -334,7 +340,7 @@ def build_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(resources.files("nomoat.serve").joinpath("page.html").read_text())
+        return HTMLResponse(page_html)
 
     @app.get("/health")
     async def health() -> dict:
@@ -383,8 +389,6 @@ def build_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
-        from nomoat.chat import render_chat
-
         check_model(body.model)
         unsupported(body, "logprobs", "tools")
         messages = [
@@ -400,8 +404,8 @@ def build_app(
             raise APIError(400, str(e), "messages") from None
         prompt = check_prompt(encode(text, "messages"))
         params = sampling(body, body.max_completion_tokens or body.max_tokens, context - len(prompt))
-        if tokenizer.chat_template is None:  # the default ChatML template ends a turn with a marker, maybe as text
-            params = replace(params, stop=(*params.stop, "<|im_end|>"))
+        if closer:
+            params = replace(params, stop=(*params.stop, closer))
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name}
 

@@ -17,13 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nomoat.generate import sample_next
+from nomoat.generate import GREEDY_BELOW, sample_next
 from nomoat.model import KVCache, Transformer
 from nomoat.serve.metrics import Metrics
 from nomoat.tokenizer import DecodeStream, Tokenizer
 
-# Below this temperature the distribution is an argmax anyway, and dividing by it would overflow the logits.
-MIN_TEMPERATURE = 1e-4
 # A nucleus this small holds only the most likely token (and one below float32's range would hold none).
 MIN_TOP_P = 1e-6
 
@@ -42,7 +40,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < MIN_TEMPERATURE or self.top_p < MIN_TOP_P
+        return self.temperature < GREEDY_BELOW or self.top_p < MIN_TOP_P
 
 
 @dataclass
@@ -242,6 +240,13 @@ class Engine:
 
     def _sample(self, seqs: list[Generation], logits: torch.Tensor) -> None:
         """Pick each sequence's next token from its logits row (len(seqs), V), then emit the new text."""
+        generated = sum(seq.generated for seq in seqs)
+        try:
+            self._pick(seqs, logits)
+        finally:
+            self.metrics.count_tokens(sum(seq.generated for seq in seqs) - generated)
+
+    def _pick(self, seqs: list[Generation], logits: torch.Tensor) -> None:
         greedy = logits.argmax(-1).tolist()
         now = time.perf_counter()
         for i, seq in enumerate(seqs):
@@ -254,7 +259,6 @@ class Engine:
                 continue
             seq.generated += 1
             seq.last = token
-            self.metrics.count_tokens(1)
             assert seq.decoder is not None
             if self._push_text(seq, seq.decoder.push(token)):
                 continue

@@ -33,6 +33,7 @@ class Metrics:
         with self.lock:
             self.tokens += n
             self.recent.append((now, n))
+            self._forget(now)
 
     def observe_ttft(self, seconds: float) -> None:
         with self.lock:
@@ -47,9 +48,13 @@ class Metrics:
         """Generated tokens per second over the last RATE_WINDOW_S seconds."""
         now = time.monotonic()
         with self.lock:
-            while self.recent and self.recent[0][0] < now - RATE_WINDOW_S:
-                self.recent.popleft()
+            self._forget(now)
             return sum(n for _, n in self.recent) / RATE_WINDOW_S
+
+    def _forget(self, now: float) -> None:
+        """Drop counts older than the rate window, so that memory stays bounded without a scraper."""
+        while self.recent and self.recent[0][0] < now - RATE_WINDOW_S:
+            self.recent.popleft()
 
     def render(self) -> str:
         rate = self.tokens_per_s()
