@@ -24,7 +24,7 @@ from tqdm import tqdm
 from nomoat.checkpoint import load_checkpoint
 from nomoat.eval.lm import document_nll, score_requests
 from nomoat.generate import generate_tokens
-from nomoat.tokenizer import DecodeStream
+from nomoat.tokenizer import decode_stream
 
 
 @register_model("nomoat")
@@ -82,16 +82,14 @@ class NomoatLM(TemplateLM):
     def generate(self, context: str, until: list[str], max_gen_toks: int, temperature: float = 0.0) -> str:
         """Decode after context until any stop string appears (cut there) or max_gen_toks; greedy by default."""
         prompt = self.tok_encode(context)[-max(1, self.window - max_gen_toks) :] or [self.eot_token_id]
-        stream, text = DecodeStream(self.tokenizer), ""
         tokens = generate_tokens(
             self.model, prompt, max_gen_toks, temperature=temperature, seed=1234, eos_id=self.eot_token_id
         )
-        for token in tokens:
-            text += stream.push(token)
-            if any(s in text for s in until):
+        text, longest = "", max(map(len, until), default=0)
+        for piece in decode_stream(self.tokenizer, tokens):
+            text += piece
+            if any(s in text[-(len(piece) + longest) :] for s in until):  # only where a stop could have just formed
                 break
-        else:
-            text += stream.flush()
         cut = min((text.index(s) for s in until if s in text), default=len(text))
         return text[:cut]
 

@@ -225,7 +225,12 @@ def evaluate_task(
     start = time.perf_counter()
     items = read_items(spec, data, limit)
     same = fewshot_data is None or Path(fewshot_data).resolve() == Path(data).resolve()
-    pool = read_items(spec, data) if same else read_items(spec, Path(fewshot_data))
+    if not num_fewshot:
+        pool: list[Item] = []  # zero-shot draws nothing: no second read of the file
+    elif same:
+        pool = items if not limit else read_items(spec, data)
+    else:
+        pool = read_items(spec, Path(fewshot_data))  # type: ignore[arg-type]
     prefixes = fewshot_prefixes(spec, items, pool, num_fewshot, seed, same)
     if tokenizer.eos_id is None:
         raise UserError("the tokenizer has no end-of-text token to stand for an empty context")
