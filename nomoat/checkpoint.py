@@ -191,6 +191,18 @@ def consolidate(folder: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def replace_folder(src: Path, dst: Path) -> None:
+    """Move a finished folder src to dst; an existing dst is renamed aside first and removed only afterwards."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+
+
 def _fsync_dir(folder: Path) -> None:
     """Flush every file so that the rename never publishes a half-written checkpoint after a power loss."""
     for f in folder.rglob("*"):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from nomoat.chat import encode_chat
-from nomoat.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from nomoat.checkpoint import Checkpoint, load_checkpoint, replace_folder, save_checkpoint
 from nomoat.config import FinetuneConfig, RunConfig, from_dict, read_toml
 from nomoat.data.loader import file_sha256
 from nomoat.errors import UserError
@@ -343,7 +343,7 @@ def _stage_base_files(base: Path, folder: Path) -> list[Path]:
         shutil.copy(config, folder / HF_CONFIG)
         staged.append(folder / HF_CONFIG)
     for name in SIDE_FILES:
-        if (base / name).is_file() and name != "chat_template.jinja":  # the tokenizer writes that one itself
+        if (base / name).is_file():
             shutil.copy(base / name, folder / name)
             staged.append(folder / name)
     return staged
@@ -457,9 +457,6 @@ def _save_folder(ckpt: Checkpoint, base: Path, out: Path) -> None:
     try:
         staged = _stage_base_files(base, tmp_root / "base_files") if base.is_dir() else []
         folder = save_checkpoint(tmp_root, 0, ckpt.model, ckpt.cfg, ckpt.tokenizer, extra_files=staged)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(folder, out)
+        replace_folder(folder, out)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)

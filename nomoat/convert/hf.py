@@ -16,15 +16,16 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from nomoat.checkpoint import Checkpoint, build_model, read_safetensors, save_checkpoint
+from nomoat.checkpoint import Checkpoint, build_model, read_safetensors, replace_folder, save_checkpoint
 from nomoat.config import ModelConfig, RunConfig, TrainConfig
 from nomoat.errors import UserError
 from nomoat.tokenizer import Tokenizer
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPTNeoXForCausalLM", "GPT2LMHeadModel")
 LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-# Files copied verbatim between a Hugging Face folder and a nomoat checkpoint, so nothing the user had is lost.
-SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+# Files copied verbatim between a Hugging Face folder and a nomoat checkpoint, so nothing the user had is lost
+# (chat_template.jinja is not among them: Tokenizer.save writes it).
+SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 HF_CONFIG = "hf_config.json"  # the original config.json, kept in nomoat checkpoints for a faithful export
 
 
@@ -301,7 +302,7 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> Path:
         for name in SIDE_FILES:
             if (hf_dir / name).is_file():
                 shutil.copy(hf_dir / name, folder / name)
-        _replace_folder(folder, out)
+        replace_folder(folder, out)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     return out
@@ -335,7 +336,7 @@ def to_hf(
                 shutil.copy(ckpt.path / name, tmp / name)
         if not (tmp / "tokenizer_config.json").is_file():
             (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(ckpt.tokenizer), indent=2) + "\n")
-        _replace_folder(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -369,15 +370,3 @@ def _save_sharded(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes:
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def _replace_folder(src: Path, dst: Path) -> None:
-    """Move src to dst, replacing dst only once src is complete."""
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old)
-    else:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +29,7 @@ import numpy as np
 import zstandard
 from tqdm import tqdm
 
+from nomoat.checkpoint import replace_folder
 from nomoat.errors import UserError
 from nomoat.tokenizer import EOS_CANDIDATES, Tokenizer
 
@@ -459,13 +459,7 @@ def write_shards(
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if finish is not None:
             finish(tmp, manifest)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(old / "shards")
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
+        replace_folder(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
