@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from nomoat.chat import encode_chat
 from nomoat.checkpoint import Checkpoint, load_checkpoint, replace_folder, save_checkpoint
 from nomoat.config import FinetuneConfig, RunConfig, from_dict, read_toml
-from nomoat.data.loader import file_sha256
+from nomoat.data.build import file_sha256
 from nomoat.errors import UserError
-from nomoat.lora import ADAPTER_CONFIG, add_lora, load_adapter, merge_lora, read_adapter_config, save_adapter
+from nomoat.lora import ADAPTER_CONFIG, add_lora, load_adapter, merge_lora, save_adapter
 from nomoat.quant import dequantize_model, quantize_model
 from nomoat.tokenizer import Tokenizer
 from nomoat.train import Setup, TrainResult, pick_device, train
@@ -374,7 +374,6 @@ def load_tuned(path: str | Path, adapter: str | Path | None = None, device: str 
         tokenizer = None
         cfg = _finetune_config(Path(adapter)) if adapter is not None else None
     if adapter is not None:
-        read_adapter_config(adapter)
         model = ckpt.model.float()
         if cfg is not None and cfg.method == "qlora":
             quantize_model(model, cfg.double_quant)  # the base as the adapter was trained on

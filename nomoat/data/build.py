@@ -171,20 +171,23 @@ def read_documents(path: str | Path) -> Iterator[str]:
             yield doc
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _input_sha256(path: Path) -> str:
     """sha256 of a file's bytes; for a folder, of each corpus file's relative path and bytes, in order."""
+    files = _input_files(path)
+    if not path.is_dir():
+        return file_sha256(files[0])
     h = hashlib.sha256()
-    for file in _input_files(path):
-        if path.is_dir():
-            h.update(file.relative_to(path).as_posix().encode() + b"\0")
-            fh = hashlib.sha256()
-        else:
-            fh = h
-        with open(file, "rb") as f:
-            while block := f.read(1 << 20):
-                fh.update(block)
-        if fh is not h:
-            h.update(fh.digest())
+    for file in files:
+        h.update(file.relative_to(path).as_posix().encode() + b"\0")
+        h.update(bytes.fromhex(file_sha256(file)))
     return h.hexdigest()
 
 

@@ -7,7 +7,6 @@ Not here: pinning, device transfer and prefetching; the training loop owns those
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nomoat.data.build import load_manifest
+from nomoat.data.build import file_sha256, load_manifest
 from nomoat.errors import UserError
 
 
@@ -55,14 +54,6 @@ class ShardSet:
             out.append(piece)
             start, length, i = start + len(piece), length - len(piece), i + 1
         return np.concatenate(out).astype(np.int64)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 class TokenLoader:

@@ -371,14 +371,14 @@ def build_corpus(
     engine = engine or recipe.corpus.engine
     tokenizer = Tokenizer.load(recipe.resolve(recipe.corpus.tokenizer))
     files = [_source_files(recipe, s) for s in recipe.sources]  # fails fast on a missing source
-    decon = None
     eval_paths = [recipe.resolve(p) for p in recipe.decontaminate.eval_files] if recipe.decontaminate else []
-    if recipe.decontaminate is not None:
-        decon = Decontaminator(load_eval_files(eval_paths, recipe.decontaminate.text_field), recipe.decontaminate.n)
     reports = [_new_report(s, fs, recipe.root) for s, fs in zip(recipe.sources, files, strict=True)]
     fingerprint = _fingerprint(Path(recipe_path), tokenizer, reports, eval_paths)
     if not force and (done := _finished(Path(out_dir), fingerprint)) is not None:
         return done  # a rerun over the same recipe, tokenizer and input bytes would write the same files
+    decon = None
+    if recipe.decontaminate is not None:
+        decon = Decontaminator(load_eval_files(eval_paths, recipe.decontaminate.text_field), recipe.decontaminate.n)
     dedup = Deduplicator(recipe.dedup) if recipe.dedup is not None else None
     plan = Plan(recipe, files, reports, Preparer(recipe, decon), dedup, tokenizer, BadLineLog(), strict)
     records = [{"path": r["name"], "sha256": _combined_sha256(r["files"])} for r in reports]
