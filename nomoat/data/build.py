@@ -10,6 +10,7 @@ Not here: downloading corpora, deduplication or filtering; batching lives in loa
 from __future__ import annotations
 
 import collections
+import functools
 import gzip
 import hashlib
 import io
@@ -204,12 +205,14 @@ def _chunks(text: str) -> list[str]:
     return pieces
 
 
+@functools.lru_cache(maxsize=8)  # probed once per tokenizer, not once per batch
 def _chunking_is_exact(tokenizer: Tokenizer) -> bool:
     # True for byte-level BPE with a GPT-2/Llama-3-style regex; false for e.g. SentencePiece-style tokenizers
     # that prepend "▁" to every encode call. Then long documents are encoded whole: slower, never wrong.
     return sum(tokenizer.encode_batch(_SPLIT_POINT.split(_PROBE)), []) == tokenizer.encode(_PROBE)
 
 
+@functools.lru_cache(maxsize=8)
 def _joining_is_exact(tokenizer: Tokenizer) -> bool:
     """Whether documents joined by the EOS token's text encode as each document followed by EOS. True where EOS is
     a special token split off before pre-tokenization (GPT-2, Llama 3); false e.g. where it strips the whitespace
