@@ -7,11 +7,13 @@ Config fields are overridden by name after `train`: `nomoat train --config cpu -
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,34 @@ from nomoat.errors import UserError
 
 
 def _print_json(obj: dict[str, Any]) -> None:
-    print(json.dumps(obj), flush=True)
+    print(json.dumps(obj, default=str), flush=True)  # default=str: paths
+
+
+def _report(args: argparse.Namespace, line: str, obj: dict[str, Any]) -> None:
+    """The human line on stderr; with --json, the object as the last line of stdout."""
+    print(line, file=sys.stderr)
+    if args.json:
+        _print_json(obj)
+
+
+def _run_training(args: argparse.Namespace, run: Callable[[], Any]) -> int:
+    """Train or fine-tune: the checkpoint line and result, or exit 128 + signal after an interrupt's save."""
+    from nomoat.train import TrainingInterrupted
+
+    try:
+        result = run()
+    except TrainingInterrupted as e:
+        print(f"nomoat: {e}; continue with --resume", file=sys.stderr)
+        return 128 + e.signum
+    except RuntimeError as e:
+        from nomoat.distributed import lost_peer
+
+        if (line := lost_peer(e)) is None:
+            raise
+        print(f"nomoat: error: {line}", file=sys.stderr)
+        return 1
+    _report(args, f"checkpoint: {result.checkpoint}", dataclasses.asdict(result))
+    return 0
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -30,9 +59,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     tok = train_tokenizer(docs, args.vocab_size)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tok.save(args.out)
-    print(f"wrote {args.out}: {tok.vocab_size} tokens, sha256 {tok.sha256[:12]}", file=sys.stderr)
-    if args.json:
-        _print_json({"path": args.out, "vocab_size": tok.vocab_size, "sha256": tok.sha256})
+    line = f"wrote {args.out}: {tok.vocab_size} tokens, sha256 {tok.sha256[:12]}"
+    _report(args, line, {"path": args.out, "vocab_size": tok.vocab_size, "sha256": tok.sha256})
 
 
 def cmd_data_build(args: argparse.Namespace) -> None:
@@ -63,12 +91,9 @@ def cmd_data_build(args: argparse.Namespace) -> None:
         "val_tokens": splits["val"]["tokens"],
         "seconds": round(time.perf_counter() - start, 3),
     }
-    print(
-        f"wrote {args.out}: {summary['train_tokens']:,} train and {summary['val_tokens']:,} val tokens",
-        file=sys.stderr,
+    _report(
+        args, f"wrote {args.out}: {summary['train_tokens']:,} train and {summary['val_tokens']:,} val tokens", summary
     )
-    if args.json:
-        _print_json(summary)
 
 
 def cmd_data_build_recipe(args: argparse.Namespace) -> None:
@@ -94,18 +119,13 @@ def cmd_data_build_recipe(args: argparse.Namespace) -> None:
         "sources": {s["name"]: s["tokens_out"] for s in sheet["sources"]},
         "seconds": round(time.perf_counter() - start, 3),
     }
-    print(
-        f"wrote {args.out}: {summary['train_tokens']:,} train and {summary['val_tokens']:,} val tokens, "
-        "datasheet.md and mixture.png",
-        file=sys.stderr,
-    )
-    if args.json:
-        _print_json(summary)
+    tokens = f"{summary['train_tokens']:,} train and {summary['val_tokens']:,} val tokens"
+    _report(args, f"wrote {args.out}: {tokens}, datasheet.md and mixture.png", summary)
 
 
 def cmd_train(args: argparse.Namespace, overrides: dict[str, str], argv: list[str]) -> int:
     from nomoat.config import load_config
-    from nomoat.train import TrainingInterrupted, train
+    from nomoat.train import train
 
     cfg = load_config(args.config, overrides)  # a bad config is reported once, before any rank starts
     if args.nproc > 1:  # re-enter this command under torchrun, one process per rank
@@ -116,54 +136,19 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str], argv: list[st
             args.nproc, [a for i, a in enumerate(argv) if i not in drop | {j + 1 for j in drop} and "--nproc=" not in a]
         )
         return 0
-    try:
-        result = train(cfg, resume=args.resume, progress=not args.json)
-    except TrainingInterrupted as e:
-        print(f"nomoat: {e}; continue with --resume", file=sys.stderr)
-        return 128 + e.signum
-    except RuntimeError as e:
-        from nomoat.distributed import lost_peer
-
-        if (line := lost_peer(e)) is None:
-            raise
-        print(f"nomoat: error: {line}", file=sys.stderr)
-        return 1
-    print(f"checkpoint: {result.checkpoint}", file=sys.stderr)
-    if args.json:
-        _print_json(
-            {
-                "step": result.step,
-                "train_loss": result.train_loss,
-                "val_loss": result.val_loss,
-                "val_bpb": result.val_bpb,
-                "train_seconds": result.train_seconds,
-                "tokens_per_s": result.tokens_per_s,
-                "checkpoint": str(result.checkpoint),
-            }
-        )
-    return 0
+    return _run_training(args, lambda: train(cfg, resume=args.resume, progress=not args.json))
 
 
 def cmd_finetune(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from nomoat.config import apply_overrides, from_dict, read_toml, resolve_preset
     from nomoat.finetune import finetune
-    from nomoat.train import TrainingInterrupted
 
     raw = read_toml(resolve_preset(args.config)) if args.config else {}
     raw.pop("model", None)  # the model is the base's
     flags = {"finetune.base": args.base, "finetune.data": args.data, "finetune.method": args.method}
     overrides = {**{k: v for k, v in flags.items() if v is not None}, **overrides}
     cfg = from_dict(apply_overrides(raw, overrides), where=args.config or "finetune")
-    try:
-        result = finetune(cfg, resume=args.resume, progress=not args.json)
-    except TrainingInterrupted as e:
-        print(f"nomoat: {e}; continue with --resume", file=sys.stderr)
-        return 128 + e.signum
-    print(f"checkpoint: {result.checkpoint}", file=sys.stderr)
-    if args.json:
-        row = {"step": result.step, "train_loss": result.train_loss, "val_loss": result.val_loss}
-        _print_json({**row, "train_seconds": result.train_seconds, "checkpoint": str(result.checkpoint)})
-    return 0
+    return _run_training(args, lambda: finetune(cfg, resume=args.resume, progress=not args.json))
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -173,9 +158,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     line = f"wrote merged checkpoint {result['out']}"
     if result["bpb_change"] is not None:
         line += f"; bits per byte {result['bpb_before']:.4f} -> {result['bpb_after']:.4f} ({result['bpb_change']:+.4f})"
-    print(line, file=sys.stderr)
-    if args.json:
-        _print_json(result)
+    _report(args, line, result)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
