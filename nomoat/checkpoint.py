@@ -260,16 +260,19 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", traine
         raise UserError(
             f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.model.vocab_size}"
         )
-    trainer = None
-    if trainer_state:
-        trainer_file = folder / "trainer.pt"
-        if not trainer_file.is_file():
-            raise UserError(f"{folder}: no trainer.pt, so training cannot resume from it")
-        try:
-            trainer = torch.load(trainer_file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise UserError(f"{trainer_file}: holds more than tensors and plain values; refusing to unpickle it") from e
+    trainer = read_trainer_state(folder) if trainer_state else None
     return Checkpoint(folder, cfg, model, tokenizer, trainer)
+
+
+def read_trainer_state(folder: Path) -> dict[str, Any]:
+    """Step, RNG and loader position, read back with weights_only=True so that nothing is unpickled."""
+    path = folder / "trainer.pt"
+    if not path.is_file():
+        raise UserError(f"{folder}: no trainer.pt, so training cannot resume from it")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: holds more than tensors and plain values; refusing to unpickle it") from e
 
 
 def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:

@@ -120,7 +120,7 @@ def parallelize(model: torch.nn.Module, tc: TrainConfig, device: torch.device, w
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy()
-    if device.type == "cuda" and tc.dtype in ("auto", "bfloat16"):
+    if uses_fsdp_precision(tc, device, world):
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in blocks:
         fully_shard(block, mp_policy=policy)

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import pickle
 import signal
 import sys
 import time
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nomoat import distributed
-from nomoat.checkpoint import list_checkpoints, load_train_state, save_checkpoint, save_weights
+from nomoat.checkpoint import list_checkpoints, load_train_state, read_trainer_state, save_checkpoint, save_weights
 from nomoat.config import RunConfig, TrainConfig, from_dict, read_toml, to_dict
 from nomoat.data import ShardSet, TokenLoader, check_tokenizer_matches
 from nomoat.errors import UserError
@@ -115,7 +114,7 @@ def peak_flops(device: torch.device) -> float:
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), 0.0)
 
 
-def unwrap_flops(model: torch.nn.Module, seq_len: int) -> float:
+def training_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token (6N plus attention) for models that report them, else 6N."""
     if hasattr(model, "flops_per_token"):
         return float(model.flops_per_token(seq_len))
@@ -124,17 +123,6 @@ def unwrap_flops(model: torch.nn.Module, seq_len: int) -> float:
 
 def config_text(cfg: RunConfig) -> str:
     return tomli_w.dumps(to_dict(cfg))
-
-
-def read_trainer_state(folder: Path) -> dict[str, Any]:
-    """Step, RNG and loader position, read back with weights_only=True so that nothing is unpickled."""
-    path = folder / "trainer.pt"
-    if not path.is_file():
-        raise UserError(f"{folder}: no trainer.pt, so training cannot resume from it")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(f"{path}: holds more than tensors and plain values; refusing to unpickle it") from e
 
 
 def pick_device(name: str) -> torch.device:
@@ -300,7 +288,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, setup: Se
     distributed.barrier(world)
 
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
-    flops_per_step = unwrap_flops(model, tc.seq_len) * tokens_per_step
+    flops_per_step = training_flops_per_token(model, tc.seq_len) * tokens_per_step
     peak = peak_flops(device) * world.size
 
     def save(step: int) -> Path:
