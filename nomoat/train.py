@@ -288,7 +288,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, setup: Se
     distributed.barrier(world)
 
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
-    flops_per_step = training_flops_per_token(model, tc.seq_len) * tokens_per_step
+    flops_per_token = training_flops_per_token(model, tc.seq_len)
     peak = peak_flops(device) * world.size
 
     def save(step: int) -> Path:
@@ -350,7 +350,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, setup: Se
                 train_seconds += now - t_last
                 tok_s = tokens_since / (now - t_last)
                 row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tok_s}
-                row["flops_per_s"] = flops_per_step * tokens_since / tokens_per_step / (now - t_last)
+                row["flops_per_s"] = flops_per_token * tok_s
                 if peak:
                     row["mfu"] = row["flops_per_s"] / peak
                 t_last, tokens_since = now, 0
