@@ -235,13 +235,15 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         logits_at: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, V). With a cache, idx continues the cached sequence; the caller keeps
         it within cache.max_len (reading cache.pos back to check would stall every step on a device sync).
         logits_at (B,) picks one position per row, giving (B, 1, V): a prefill that needs only each prompt's next
         token then skips the vocabulary projection of every other position. segments (B, T) label the samples
         packed into each row (runs of equal ids): a token attends only within its own sample, whose positions
-        start again at 0, so a packed row computes exactly what its samples would alone."""
+        start again at 0, so a packed row computes exactly what its samples would alone. hidden returns the final
+        normed states (B, T, C) instead of logits, for callers that apply lm_head only where they score."""
         B, T = idx.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -267,7 +269,8 @@ class Transformer(nn.Module):
             cache.pos += T
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        x = self.norm(x)
+        return x if hidden else self.lm_head(x)  # (B, T, C) or (B, T, V)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, counting tied weights once; non_embedding drops the input and position tables."""

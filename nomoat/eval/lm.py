@@ -8,7 +8,6 @@ from applying the output head only at the positions that are scored. Task format
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -17,20 +16,6 @@ from torch import nn
 from nomoat.model import KVCache, Transformer
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context token ids, continuation token ids)
-
-
-@contextmanager
-def _head_detached(model: Transformer) -> Iterator[nn.Module]:
-    """The model returns final hidden states (B, T, C) inside the block; the head it yields makes logits of them.
-
-    Scoring needs logits only where a continuation token is predicted; computing the (T, V) head everywhere is a
-    large share of a small model's work and memory."""
-    head = model.lm_head
-    model.lm_head = nn.Identity()
-    try:
-        yield head
-    finally:
-        model.lm_head = head
 
 
 def _logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[float, bool]:
@@ -57,30 +42,31 @@ def score_requests(
             raise ValueError(f"request {i}: context and continuation must both hold tokens")
         groups.setdefault(tuple(ctx), []).append(i)
     out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-    fits = [(list(c), m) for c, m in groups.items() if len(c) + max(len(requests[i][1]) for i in m) - 1 <= window]
+    longest = {c: len(c) + max(len(requests[i][1]) for i in m) - 1 for c, m in groups.items()}
+    fits = [(list(c), m) for c, m in groups.items() if longest[c] <= window]
     fits.sort(key=lambda group: -len(group[0]))  # similar lengths together: little padding
     was_training = model.training
     model.eval()
-    with _head_detached(model) as head:
-        chunk: list[tuple[list[int], list[int]]] = []
-        for group in [*fits, None]:
-            if chunk and (group is None or not _fits(chunk + [group], requests, window, budget)):
-                conts = [[list(requests[i][1]) for i in members] for _, members in chunk]
-                scores = _score_groups(model, head, [ctx for ctx, _ in chunk], conts, device, budget)
-                for (_, members), group_scores in zip(chunk, scores, strict=True):
-                    for i, score in zip(members, group_scores, strict=True):
-                        out[i] = score
-                chunk = []
-            if group is not None:
-                chunk.append(group)
-        for ctx, members in groups.items():
-            if len(ctx) + max(len(requests[i][1]) for i in members) - 1 <= window:
-                continue
-            for i in members:
-                cont = list(requests[i][1])
-                inp = (list(ctx) + cont)[-(window + 1) :][:-1]
-                hidden = model(torch.tensor([inp], device=device))[0, -len(cont) :]  # (m, C)
-                out[i] = _logprobs(head, hidden, torch.tensor(cont, device=device))
+    head = model.lm_head  # applied only where a token is scored
+    chunk: list[tuple[list[int], list[int]]] = []
+    for group in [*fits, None]:
+        if chunk and (group is None or not _fits(chunk + [group], requests, window, budget)):
+            conts = [[list(requests[i][1]) for i in members] for _, members in chunk]
+            scores = _score_groups(model, head, [ctx for ctx, _ in chunk], conts, device, budget)
+            for (_, members), group_scores in zip(chunk, scores, strict=True):
+                for i, score in zip(members, group_scores, strict=True):
+                    out[i] = score
+            chunk = []
+        if group is not None:
+            chunk.append(group)
+    for ctx, members in groups.items():
+        if longest[ctx] <= window:
+            continue  # scored above
+        for i in members:
+            cont = list(requests[i][1])
+            inp = (list(ctx) + cont)[-(window + 1) :][:-1]
+            hidden = model(torch.tensor([inp], device=device), hidden=True)[0, -len(cont) :]  # (m, C)
+            out[i] = _logprobs(head, hidden, torch.tensor(cont, device=device))
     model.train(was_training)
     return out
 
@@ -109,7 +95,7 @@ def _score_groups(
     for g, ctx in enumerate(contexts):
         batch[g, : len(ctx)] = torch.tensor(ctx)
     prefix = KVCache(model.cfg, len(contexts), n_ctx, device=device, dtype=model.embed_tokens.weight.dtype)
-    hidden = model(batch.to(device), cache=prefix)  # (G, n_ctx, C)
+    hidden = model(batch.to(device), cache=prefix, hidden=True)  # (G, n_ctx, C)
     rows = [(g, cont) for g, group in enumerate(conts) for cont in group]
     scores: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
     order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
@@ -149,7 +135,7 @@ def _score_rows(
         tails = torch.zeros(len(rows), n_cont - 1, dtype=torch.long)
         for r, (_, cont) in enumerate(rows):
             tails[r, : len(cont) - 1] = torch.tensor(cont[:-1])
-        pieces.append(model(tails.to(device), cache=cache))  # (R, n_cont - 1, C)
+        pieces.append(model(tails.to(device), cache=cache, hidden=True))  # (R, n_cont - 1, C)
     states = torch.cat(pieces, dim=1)  # (R, n_cont, C): row r predicts its cont from position 0 on
     keep = torch.tensor([[t < len(cont) for t in range(n_cont)] for _, cont in rows], device=device)
     targets = torch.tensor([t for _, cont in rows for t in cont], device=device)
@@ -200,22 +186,22 @@ def rolling_nll(
     model.eval()
     total, count = 0.0, 0
     spans = list(rolling_windows(n, window, stride))
-    with _head_detached(model) as head:
-        for b in range(0, len(spans), batch_size):
-            chunk = spans[b : b + batch_size]
-            longest = max(end - start for start, end, _ in chunk)
-            inputs = torch.zeros(len(chunk), longest, dtype=torch.long, device=device)
-            targets = []
-            for r, (start, end, scored) in enumerate(chunk):
-                seq = torch.as_tensor(read(start, end + 1), dtype=torch.long)
-                inputs[r, : end - start] = seq[:-1]
-                targets.append(seq[-scored:])
-            hidden = model(inputs)  # (B, T, C)
-            for r, (start, end, scored) in enumerate(chunk):
-                rows = hidden[r, end - start - scored : end - start]
-                logits = head(rows).float()
-                total += F.cross_entropy(logits, targets[r].to(device), reduction="sum").item()
-                count += scored
+    head = model.lm_head  # applied only where a token is scored
+    for b in range(0, len(spans), batch_size):
+        chunk = spans[b : b + batch_size]
+        longest = max(end - start for start, end, _ in chunk)
+        inputs = torch.zeros(len(chunk), longest, dtype=torch.long, device=device)
+        targets = []
+        for r, (start, end, scored) in enumerate(chunk):
+            seq = torch.as_tensor(read(start, end + 1), dtype=torch.long)
+            inputs[r, : end - start] = seq[:-1]
+            targets.append(seq[-scored:])
+        hidden = model(inputs, hidden=True)  # (B, T, C)
+        for r, (start, end, scored) in enumerate(chunk):
+            rows = hidden[r, end - start - scored : end - start]
+            logits = head(rows).float()
+            total += F.cross_entropy(logits, targets[r].to(device), reduction="sum").item()
+            count += scored
     model.train(was_training)
     return total, count
 
