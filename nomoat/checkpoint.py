@@ -123,21 +123,57 @@ def _train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> di
 
 def load_train_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Model and optimizer from state/, resharded to however this run is laid out (1 process, DDP or FSDP)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     if not (folder / "state" / ".metadata").is_file():
         raise UserError(f"{folder}: no state/ (model and optimizer), so training cannot resume from it")
+    _state_metadata(folder)
     state = _train_state(model, optimizer)
-    dcp.load(state, checkpoint_id=folder / "state", no_dist=not torch.distributed.is_initialized())
+    _dcp_load(folder, state, no_dist=not torch.distributed.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """torch.distributed.checkpoint pickles its .metadata and unpickles it unchecked; this reads it first and
+    admits only the classes such metadata is made of, so a crafted checkpoint cannot run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (
+            module.startswith("torch.distributed.checkpoint.")
+            or (module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def _state_metadata(folder: Path) -> Any:
+    path = folder / "state" / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            return _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise UserError(f"{folder}: no state/.metadata") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+        raise UserError(f"{path}: not checkpoint metadata, or corrupt ({e})") from None
+
+
+def _dcp_load(folder: Path, state: dict[str, Any], no_dist: bool) -> None:
+    """torch.distributed.checkpoint.load with a corrupt shard named in one line. Callers check the metadata first
+    (_state_metadata), once per checkpoint rather than once per tensor."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(state, checkpoint_id=folder / "state", no_dist=no_dist)
+    except (dcp.api.CheckpointException, EOFError, OSError, RuntimeError, pickle.UnpicklingError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{folder / 'state'}: a shard is unreadable or corrupt ({reason[:200]})") from None
 
 
 def _state_tensors(folder: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """Name, shape and dtype of each model tensor in state/, from its metadata alone."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    meta = FileSystemReader(folder / "state").read_metadata().state_dict_metadata
+    meta = _state_metadata(folder).state_dict_metadata
     return {
         name.removeprefix("model."): (m.size, m.properties.dtype)
         for name, m in meta.items()
@@ -146,10 +182,8 @@ def _state_tensors(folder: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
 
 
 def _read_state_tensor(folder: Path, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    import torch.distributed.checkpoint as dcp
-
     tensor = torch.empty(shape, dtype=dtype)
-    dcp.load({"model": {name: tensor}}, checkpoint_id=folder / "state", no_dist=True)
+    _dcp_load(folder, {"model": {name: tensor}}, no_dist=True)
     return tensor
 
 

@@ -1,5 +1,6 @@
 """Checkpoints: atomic saves survive a failure midway, loads refuse what does not fit, no pickles."""
 
+import pickle
 import shutil
 
 import pytest
@@ -76,3 +77,32 @@ def test_trainer_state_loads_without_pickled_objects(saved, tmp_path):
     torch.save({"evil": object()}, folder / "trainer.pt")
     with pytest.raises(UserError, match="refusing to unpickle"):
         load_checkpoint(folder, trainer_state=True)
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_state_shards_are_checked_before_and_while_loading(shakespeare_shards, tmp_path):
+    from nomoat.train import train
+
+    train(tiny_run(shakespeare_shards, tmp_path / "run", steps=2, eval_every=0), progress=False)
+    folder = tmp_path / "sharded"
+    shutil.copytree(list_checkpoints(tmp_path / "run")[-1], folder)
+    (folder / "model.safetensors").unlink()  # as a FSDP run leaves it: the weights come from state/
+    assert load_checkpoint(folder).model is not None
+    shard = next((folder / "state").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(UserError, match="a shard is unreadable or corrupt"):
+        load_checkpoint(folder)
+    marker = tmp_path / "ran"
+    (folder / "state" / ".metadata").write_bytes(pickle.dumps(_Evil(str(marker))))
+    with pytest.raises(UserError, match="is not part of checkpoint metadata"):
+        load_checkpoint(folder)
+    assert not marker.exists()  # nothing in the crafted pickle ran
