@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from nomoat.errors import UserError
 
@@ -333,8 +333,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
         _print_json(result)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes read like every other error: one line and exit status 2 (`--help` still shows usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("nomoat").strip()  # "train", "data build"; empty for the top level
+        raise UserError(f"{command + ': ' if command else ''}{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nomoat", description="Build your own language model end to end.")
+    parser = _Parser(prog="nomoat", description="Build your own language model end to end.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import SHAKESPEARE, tiny_run
 
+from nomoat.cli import main
 from nomoat.config import to_toml
 
 
@@ -169,3 +170,11 @@ def test_sigint_saves_and_resume_continues_bit_identically(shakespeare_shards, t
         if "loss" in r
     ]
     assert ours == ref
+
+
+def test_usage_mistakes_get_one_line_and_status_2(capsys):
+    assert main(["train", "--bogus-flag"]) == 2
+    assert main(["no-such-command"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("nomoat: error: ") for line in err), err
+    assert "--config" in err[0] and "invalid choice: 'no-such-command'" in err[1]
