@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -310,8 +311,6 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Tra
     if progress:
         print(f"model: {fc.method}, {trainable:,} trainable parameters", flush=True)
 
-    run_dir = Path(tc.out_dir)
-    staged = _stage_base_files(Path(base.path), run_dir / "base_files")
     data = Path(fc.data)
     manifest = {
         "inputs": [{"path": str(data), "sha256": file_sha256(data), "tokens": stats.tokens}],
@@ -322,13 +321,16 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Tra
         loader=RowLoader(rows, tc.batch_size, tc.seed, tokenizer.eos_id or 0),
         tokenizer=tokenizer,
         manifest=manifest,
-        extra_files=staged,
     )
     if val_rows:
         setup.val = lambda forward: masked_loss(forward, tokenizer, val_rows, device, tc.batch_size)
     if fc.method != "full":  # checkpoints hold the adapter, not a copy of the base
         setup.export = lambda m, folder: save_adapter(m, folder, base=fc.base)
-    return train(cfg, resume=resume, progress=progress, setup=setup)
+    # the base's side files, copied into every checkpoint; staged outside the run folder, which a refused run
+    # (checkpoints there already, no --resume) must leave untouched
+    with tempfile.TemporaryDirectory() as tmp:
+        setup.extra_files = _stage_base_files(Path(base.path), Path(tmp))
+        return train(cfg, resume=resume, progress=progress, setup=setup)
 
 
 def _stage_base_files(base: Path, folder: Path) -> list[Path]:
