@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from nomoat.config import ModelConfig, RunConfig, from_dict, read_toml, save_config
 from nomoat.distributed import ONE_PROCESS, World, barrier
 from nomoat.errors import UserError
+from nomoat.files import fsync_tree, replace_folder
 from nomoat.model import Transformer, rope_tables
 from nomoat.tokenizer import Tokenizer
 
@@ -100,10 +101,8 @@ def save_checkpoint(
                 torch.save(trainer, tmp / "trainer.pt")
             for extra in extra_files:
                 shutil.copy(extra, tmp / extra.name)
-            _fsync_dir(tmp)
-            if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            fsync_tree(tmp)
+            replace_folder(tmp, final)  # re-saving the same step (a signal right after a periodic save) replaces it
     except BaseException:
         if world.main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -223,27 +222,6 @@ def consolidate(folder: str | Path, out: str | Path | None = None) -> Path:
         os.fsync(f.fileno())
     os.replace(tmp, out)
     return out
-
-
-def replace_folder(src: Path, dst: Path) -> None:
-    """Move a finished folder src to dst; an existing dst is renamed aside first and removed only afterwards."""
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old)
-    else:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Flush every file so that the rename never publishes a half-written checkpoint after a power loss."""
-    for f in folder.rglob("*"):
-        if not f.is_file():
-            continue
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

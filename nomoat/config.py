@@ -196,7 +196,7 @@ def to_toml(cfg: Any) -> str:
     return tomli_w.dumps(to_dict(cfg))
 
 
-def _check_value(key: str, hint: Any, value: Any) -> Any:
+def check_value(key: str, hint: Any, value: Any) -> Any:
     """Return value if it has the field's type (ints pass for floats), else raise naming the key."""
     origin = typing.get_origin(hint)
     if origin is Literal:
@@ -208,7 +208,7 @@ def _check_value(key: str, hint: Any, value: Any) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _check_value(key, args[0], value)
+        return check_value(key, args[0], value)
     if origin is tuple:  # TOML arrays arrive as lists; `(str, ...)` is any length, `(float, float)` exactly two
         args = typing.get_args(hint)
         if not isinstance(value, list | tuple):
@@ -216,7 +216,7 @@ def _check_value(key: str, hint: Any, value: Any) -> Any:
         items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
         if len(value) != len(items):
             raise UserError(f"{key}: expected an array of {len(items)} items, got {value!r}")
-        return tuple(_check_value(f"{key}[{i}]", h, v) for i, (h, v) in enumerate(zip(items, value, strict=True)))
+        return tuple(check_value(f"{key}[{i}]", h, v) for i, (h, v) in enumerate(zip(items, value, strict=True)))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is bool and not isinstance(value, bool) or not isinstance(value, hint):
@@ -234,9 +234,9 @@ def _parse_text(key: str, hint: Any, text: str) -> Any:
             return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if origin is Literal or hint is str:
-        return _check_value(key, hint, text)
+        return check_value(key, hint, text)
     if origin is tuple:  # comma-separated on the command line
-        return _check_value(key, hint, [part.strip() for part in text.split(",") if part.strip()])
+        return check_value(key, hint, [part.strip() for part in text.split(",") if part.strip()])
     if hint is bool:
         if text.lower() in ("true", "1", "yes", "on"):
             return True
@@ -254,7 +254,8 @@ def _parse_text(key: str, hint: Any, text: str) -> Any:
         raise UserError(f"{key}: expected {hint.__name__}, got {text!r}") from None
 
 
-def _unknown(key: str, valid: list[str]) -> UserError:
+def unknown_key(key: str, valid: list[str]) -> UserError:
+    """The error for a key that is not in `valid`, suggesting the nearest one."""
     near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(valid)}"
     return UserError(f"unknown config key {key!r}{hint}")
@@ -269,7 +270,7 @@ def from_dict(raw: dict[str, Any], where: str = "config") -> RunConfig:
     sections: dict[str, Any] = {}
     for name, table in raw.items():
         if name not in SECTIONS:
-            raise _unknown(name, list(SECTIONS))
+            raise unknown_key(name, list(SECTIONS))
         if not isinstance(table, dict):
             raise UserError(f"{where}: [{name}] must be a table")
         cls = SECTIONS[name]
@@ -277,8 +278,8 @@ def from_dict(raw: dict[str, Any], where: str = "config") -> RunConfig:
         kwargs = {}
         for key, value in table.items():
             if key not in hints:
-                raise _unknown(f"{name}.{key}", _all_keys())
-            kwargs[key] = _check_value(f"{name}.{key}", hints[key], value)
+                raise unknown_key(f"{name}.{key}", _all_keys())
+            kwargs[key] = check_value(f"{name}.{key}", hints[key], value)
         sections[name] = cls(**kwargs)
     return RunConfig(**sections)
 
@@ -313,7 +314,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, str]) -> dict[str,
         cls = SECTIONS.get(section)
         hints = typing.get_type_hints(cls) if cls else {}
         if key not in hints:
-            raise _unknown(dotted, _all_keys())
+            raise unknown_key(dotted, _all_keys())
         merged.setdefault(section, {})[key] = _parse_text(dotted, hints[key], text)
     return merged
 

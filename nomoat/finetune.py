@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from nomoat.chat import encode_chat
-from nomoat.checkpoint import Checkpoint, load_checkpoint, replace_folder, save_checkpoint
+from nomoat.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from nomoat.config import FinetuneConfig, RunConfig, from_dict, read_toml
-from nomoat.data.build import file_sha256
 from nomoat.errors import UserError
+from nomoat.files import file_sha256, replace_folder
 from nomoat.lora import ADAPTER_CONFIG, add_lora, load_adapter, merge_lora, save_adapter
 from nomoat.quant import dequantize_model, quantize_model
 from nomoat.tokenizer import Tokenizer

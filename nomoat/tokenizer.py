@@ -1,7 +1,8 @@
 """Tokenizer: train a byte-level BPE, or load any Hugging Face tokenizer.json, and encode/decode with it.
 
 A thin wrapper over the Rust `tokenizers` library, which does the real work (and the multithreading).
-Here too: `DecodeStream`, which turns token ids into text as they arrive during generation.
+Here too: `DecodeStream`, which turns token ids into text as they arrive during generation, and `StopStream`,
+which cuts that text before a stop string; `decode_stream` chains the two for every command that streams text.
 Not here: rendering chat templates (chat.py; the template itself travels with the tokenizer) and
 special-token formatting; encode never adds special tokens.
 """
@@ -181,11 +182,48 @@ class DecodeStream:
         return text
 
 
-def decode_stream(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
-    """Yield text pieces as ids arrive; the pieces join to `tokenizer.decode(all ids)`."""
-    stream = DecodeStream(tokenizer)
+class StopStream:
+    """Text pieces in, text safe to show out, cut before the first stop string.
+
+    The end of the text is held back while it could still grow into a stop string, so a stop that arrives
+    split over several pieces is never shown; once one is found `stopped` is set and nothing more comes out."""
+
+    def __init__(self, stops: Sequence[str] = ()):
+        self.stops = tuple(s for s in stops if s)
+        self.held = ""
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        if self.stopped or not piece:
+            return ""
+        text = self.held + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held, self.stopped = "", True
+            return text[: min(hits)]
+        keep = max(
+            (n for s in self.stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+            default=0,
+        )
+        self.held = text[len(text) - keep :]
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        """The held-back text: at the end of generation it can no longer become a stop string."""
+        text, self.held = self.held, ""
+        return "" if self.stopped else text
+
+
+def decode_stream(tokenizer: Tokenizer, ids: Iterable[int], stops: Sequence[str] = ()) -> Iterator[str]:
+    """Yield text pieces as ids arrive; the pieces join to `tokenizer.decode(all ids)` cut before the first of
+    `stops`. Reaching a stop ends the iteration (and closes `ids`, so a generator behind it stops too)."""
+    stream, stop = DecodeStream(tokenizer), StopStream(stops)
     for token_id in ids:
-        if piece := stream.push(token_id):
+        if piece := stop.push(stream.push(token_id)):
             yield piece
-    if tail := stream.flush():
+        if stop.stopped:
+            if hasattr(ids, "close"):
+                ids.close()  # type: ignore[union-attr]
+            return
+    if tail := stop.push(stream.flush()) + stop.flush():
         yield tail

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from nomoat.checkpoint import Checkpoint, build_model, read_safetensors, replace_folder, save_checkpoint
+from nomoat.checkpoint import Checkpoint, build_model, read_safetensors, save_checkpoint
 from nomoat.config import ModelConfig, RunConfig, TrainConfig
 from nomoat.errors import UserError
+from nomoat.files import replace_folder
 from nomoat.tokenizer import Tokenizer
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPTNeoXForCausalLM", "GPT2LMHeadModel")

@@ -30,8 +30,8 @@ import numpy as np
 import zstandard
 from tqdm import tqdm
 
-from nomoat.checkpoint import replace_folder
 from nomoat.errors import UserError
+from nomoat.files import file_sha256, replace_folder
 from nomoat.tokenizer import EOS_CANDIDATES, Tokenizer
 
 FORMAT_VERSION = 1
@@ -170,14 +170,6 @@ def read_documents(path: str | Path) -> Iterator[str]:
     for file in _input_files(Path(path)):
         for doc, _ in _read_file(file):
             yield doc
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _input_sha256(path: Path) -> str:

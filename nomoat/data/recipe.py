@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from tqdm import tqdm
 
-from nomoat.config import _check_value, _unknown, read_toml
+from nomoat.config import check_value, read_toml, unknown_key
 from nomoat.data.build import (
     BadLineLog,
     _input_files,
@@ -114,11 +114,11 @@ def _table(where: str, section: str, table: Any, hints: dict[str, Any], required
     out = {}
     for key, value in table.items():
         if key not in hints:
-            raise UserError(f"{where}: {_unknown(f'{section}.{key}', [f'{section}.{k}' for k in hints])}")
+            raise UserError(f"{where}: {unknown_key(f'{section}.{key}', [f'{section}.{k}' for k in hints])}")
         options = typing.get_args(hints[key])
         if value is False and type(None) in options and bool not in options:
             value = None  # TOML has no null: `false` switches off a rule whose None means "off"
-        out[key] = _check_value(f"{section}.{key}", hints[key], value)
+        out[key] = check_value(f"{section}.{key}", hints[key], value)
     if missing := [k for k in required if k not in out]:
         raise UserError(f"{where}: [{section}] needs {', '.join(missing)}")
     return out
@@ -136,7 +136,7 @@ def load_recipe(path: str | Path) -> Recipe:
     sections = ("corpus", "clean", "dedup", "decontaminate", "source")
     for key in raw:
         if key not in sections:
-            raise UserError(f"{where}: {_unknown(key, list(sections))}")
+            raise UserError(f"{where}: {unknown_key(key, list(sections))}")
     corpus = CorpusConfig(**_table(where, "corpus", raw.get("corpus", {}), _hints(CorpusConfig), ("tokenizer",)))
     clean = _table(where, "clean", raw.get("clean", {}), _hints(FilterConfig) | {"strip_gutenberg": bool})
     strip = clean.pop("strip_gutenberg", False)
