@@ -18,8 +18,9 @@ import torch
 
 from nomoat import distributed
 from nomoat.config import load_config, replace
+from nomoat.device import autocast_for, peak_flops, pick_device
 from nomoat.model import Transformer
-from nomoat.train import autocast_for, lr_at, make_optimizer, peak_flops, pick_device, train_step
+from nomoat.train import lr_at, make_optimizer, train_step
 
 
 def parse() -> argparse.Namespace:

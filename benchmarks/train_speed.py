@@ -18,8 +18,9 @@ from collections.abc import Callable
 import torch
 
 from nomoat.config import ModelConfig, TrainConfig
+from nomoat.device import autocast_for
 from nomoat.model import Transformer
-from nomoat.train import autocast_for, lr_at, make_optimizer, train_step
+from nomoat.train import lr_at, make_optimizer, train_step
 
 Step = Callable[[], None]
 

@@ -200,18 +200,6 @@ def stream_reply(
     the template's turn closer, which is not shown; sampling as for generate.generate_tokens."""
     from nomoat.generate import generate_tokens  # the model's code loads only when a reply is wanted
 
-    closer = turn_closer(tokenizer)
     prompt = tokenizer.encode(render_chat(tokenizer, messages, add_generation_prompt=True))
-    held = ""  # text that might be the start of the closer
-    for piece in decode_stream(
-        tokenizer, generate_tokens(model, prompt, max_new_tokens, eos_id=tokenizer.eos_id, **sampling)
-    ):
-        held += piece
-        if closer and closer in held:
-            yield held[: held.index(closer)]
-            return
-        cut = len(held) - len(closer)
-        if cut > 0:
-            yield held[:cut]
-            held = held[cut:]
-    yield held
+    tokens = generate_tokens(model, prompt, max_new_tokens, eos_id=tokenizer.eos_id, **sampling)
+    yield from decode_stream(tokenizer, tokens, [turn_closer(tokenizer)])

@@ -78,7 +78,8 @@ def save_checkpoint(
     datasheet, so that every checkpoint carries its lineage."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{final.name}"  # one name that every rank can compute
+    # files.atomic_folder for many ranks: one temporary name that every rank can compute, renamed by rank 0
+    tmp = root / f".tmp-{final.name}"
     if world.main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -91,16 +92,7 @@ def save_checkpoint(
             dcp.save(_train_state(model, optimizer), checkpoint_id=tmp / "state", no_dist=world.size == 1)
         barrier(world)
         if world.main:
-            if not is_sharded(model):
-                export(model, tmp)
-            save_config(cfg, tmp / "config.toml")
-            tokenizer.save(tmp / "tokenizer.json")
-            if manifest is not None:
-                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            if trainer is not None:
-                torch.save(trainer, tmp / "trainer.pt")
-            for extra in extra_files:
-                shutil.copy(extra, tmp / extra.name)
+            write_files(tmp, model, cfg, tokenizer, manifest, trainer, extra_files, export)
             fsync_tree(tmp)
             replace_folder(tmp, final)  # re-saving the same step (a signal right after a periodic save) replaces it
     except BaseException:
@@ -111,6 +103,30 @@ def save_checkpoint(
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last and world.main else []:
         shutil.rmtree(old)
     return final
+
+
+def write_files(
+    folder: Path,
+    model: torch.nn.Module,
+    cfg: RunConfig,
+    tokenizer: Tokenizer,
+    manifest: dict[str, Any] | None = None,
+    trainer: dict[str, Any] | None = None,
+    extra_files: Sequence[Path] = (),
+    export: Callable[[torch.nn.Module, Path], None] = save_weights,
+) -> None:
+    """Everything of a checkpoint but state/ into folder: weights (unless sharded), config, tokenizer, and what
+    was given of manifest, trainer state and side files."""
+    if not is_sharded(model):
+        export(model, folder)
+    save_config(cfg, folder / "config.toml")
+    tokenizer.save(folder / "tokenizer.json")
+    if manifest is not None:
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    if trainer is not None:
+        torch.save(trainer, folder / "trainer.pt")
+    for extra in extra_files:
+        shutil.copy(extra, folder / extra.name)
 
 
 def _train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -254,11 +270,8 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", trainer_state: bool = False) -> Checkpoint:
-    """A nomoat checkpoint or run folder, or a Hugging Face model folder (config.json), detected by its files."""
-    if (Path(path) / "config.json").is_file() and not (Path(path) / "config.toml").is_file():
-        from nomoat.convert import load_hf  # only HF folders need the key maps
-
-        return load_hf(path, device=device)
+    """A nomoat checkpoint or run folder (its newest checkpoint). Commands load through load.load_model, which
+    also takes the other formats and adapters."""
     folder = resolve_checkpoint(path)
     cfg = from_dict(read_toml(folder / "config.toml"), where=str(folder / "config.toml"))
     if (folder / "model.safetensors").is_file():

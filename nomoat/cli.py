@@ -51,6 +51,13 @@ def _run_training(args: argparse.Namespace, run: Callable[[], Any]) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace) -> Any:
+    """The MODEL (and --adapter) of a command, through the one loader."""
+    from nomoat.load import load_model
+
+    return load_model(args.model, adapter=args.adapter, device=getattr(args, "device", "cpu"))
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from nomoat.data import read_documents
     from nomoat.tokenizer import train_tokenizer
@@ -97,7 +104,7 @@ def cmd_data_build(args: argparse.Namespace) -> None:
 
 
 def cmd_data_build_recipe(args: argparse.Namespace) -> None:
-    from nomoat.data.recipe import build_corpus
+    from nomoat.data import build_corpus
 
     if args.tokenizer or args.val:
         raise UserError("data build RECIPE.toml: the tokenizer and validation split are set in the recipe")
@@ -163,9 +170,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from nomoat.chat import stream_reply
-    from nomoat.finetune import load_tuned
 
-    ckpt = load_tuned(args.model, adapter=args.adapter, device=args.device)
+    ckpt = _load(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: an empty line or Ctrl-D ends, /reset forgets the conversation", file=sys.stderr)
     while True:
@@ -190,10 +196,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from nomoat.checkpoint import load_checkpoint
     from nomoat.generate import generate_text
 
-    ckpt = load_checkpoint(args.model, device=args.device)
+    ckpt = _load(args)
     pieces = []
     stream = generate_text(
         ckpt.model,
@@ -205,6 +210,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         top_p=args.top_p,
         seed=args.seed,
         compile=args.compile,
+        stop=args.stop or (),
     )
     if not args.json:
         print(args.prompt, end="", flush=True)
@@ -222,7 +228,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from nomoat.checkpoint import load_checkpoint
     from nomoat.data import ShardSet, check_tokenizer_matches
     from nomoat.eval import evaluate_loss
 
@@ -230,7 +235,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return cmd_eval_report(args)
     if not args.model or not args.shards:
         raise UserError("eval: give MODEL and one of --shards, --text, --task; or --compare A.json B.json")
-    ckpt = load_checkpoint(args.model, device=args.device)
+    ckpt = _load(args)
     shards = ShardSet(args.shards, args.split)
     check_tokenizer_matches(shards.manifest, ckpt.tokenizer, str(ckpt.path / "tokenizer.json"))
     seq_len = args.seq_len or ckpt.cfg.train.seq_len
@@ -267,6 +272,7 @@ def cmd_eval_report(args: argparse.Namespace) -> None:
         limit=args.limit,
         overflow=args.overflow,
         device=args.device,
+        adapter=args.adapter,
     )
     print(markdown_table([results], [""]), file=sys.stderr)
     if args.out:
@@ -292,11 +298,10 @@ def cmd_convert_consolidate(args: argparse.Namespace) -> None:
 def cmd_convert_to_hf(args: argparse.Namespace) -> None:
     import torch
 
-    from nomoat.checkpoint import load_checkpoint
     from nomoat.convert import to_hf
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype or "")
-    out = to_hf(load_checkpoint(args.checkpoint), args.out, dtype=dtype)
+    out = to_hf(_load(args), args.out, dtype=dtype)
     print(f"wrote Hugging Face folder {out}", file=sys.stderr)
 
 
@@ -311,18 +316,17 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from nomoat.serve.app import serve  # FastAPI and uvicorn load only for this command
+    from nomoat.serve.app import ServeConfig, serve  # FastAPI and uvicorn load only for this command
 
-    serve(
-        args.model,
+    cfg = ServeConfig(
         host=args.host,
         port=args.port,
         api_key=args.api_key,
-        device=args.device,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_context=args.max_context,
-    )
+    )  # checked before the model loads
+    serve(_load(args), cfg)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -341,10 +345,8 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{command + ': ' if command else ''}{message} (see --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="nomoat", description="Build your own language model end to end.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _adder(sub: Any) -> Callable[..., argparse.ArgumentParser]:
+    """`add(name, help, parent)`: a subcommand with the flags every command has."""
 
     def add(name: str, helptext: str, parent: Any = sub) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=helptext, description=helptext)
@@ -352,6 +354,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
         return p
 
+    return add
+
+
+MODEL_HELP = "checkpoint, run or Hugging Face folder, or a LoRA fine-tuning checkpoint"
+
+
+def _model_args(p: argparse.ArgumentParser, optional: bool = False, device: bool = True) -> None:
+    """MODEL and --adapter, as every command that loads a model takes them (nomoat.load.load_model)."""
+    p.add_argument("model", nargs="?" if optional else None, help=MODEL_HELP)
+    p.add_argument("--adapter", help="a LoRA adapter folder (ours or PEFT's) to apply to MODEL")
+    if device:
+        p.add_argument("--device", default="cpu")
+
+
+def _add_data_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     tokenizer = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer").add_subparsers(
         dest="action", required=True
     )
@@ -374,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="Ray cluster to join with --engine ray; default: start a local Ray")
     p.set_defaults(func=cmd_data_build)
 
+
+def _add_training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p = add("train", "pretrain a model; config fields are overridable as --section.key value")
     p.add_argument("--config", required=True, help="run TOML file or preset name (cpu, gpt2-124m, ...)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
@@ -396,31 +415,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="records to measure bits per byte on; default: the fine-tuning data")
     p.set_defaults(func=cmd_merge)
 
+
+def _add_inference_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p = add("chat", "talk to a model in the terminal through its chat template; replies stream")
-    p.add_argument("model", help="checkpoint, run or Hugging Face folder, or a LoRA fine-tuning checkpoint")
-    p.add_argument("--adapter", help="a LoRA adapter folder (ours or PEFT's) to apply to MODEL")
+    _model_args(p)
     p.add_argument("--system", help="a system message to start the conversation with")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_chat)
 
-    p = add("generate", "sample text from a checkpoint")
-    p.add_argument("model", help="checkpoint folder or run folder")
+    p = add("generate", "sample text from a model")
+    _model_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--stop", action="append", metavar="STR", help="end the text before this string (repeatable)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step: ~10 s once, then faster")
     p.set_defaults(func=cmd_generate)
 
+    p = add("serve", "an OpenAI-compatible API with continuous batching, and a chat page at /")
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but localhost wants --api-key")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API and /metrics")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together in one step")
+    p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot; more get 429")
+    p.add_argument("--max-context", type=int, default=4096, help="tokens per sequence, if below the model's context")
+    p.set_defaults(func=cmd_serve)
+
+
+def _add_eval_command(add: Callable[..., argparse.ArgumentParser]) -> None:
     p = add("eval", "loss and bits per byte on shards or text; zero/few-shot tasks; compare results files")
-    p.add_argument("model", nargs="?", help="checkpoint folder, run folder or Hugging Face folder")
+    _model_args(p, optional=True)
     p.add_argument("--shards", help="token shards folder (loss and bits per byte of --split)")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--text", nargs="+", help=".txt files (one document each) or .jsonl with a text field")
@@ -437,9 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=0, help="0: training seq_len (shards) or the model's context")
     p.add_argument("--max-batches", type=int, default=0, help="0: the whole split")
-    p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_model_file_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     convert = sub.add_parser("convert", help="convert between nomoat and Hugging Face checkpoints")
     convert = convert.add_subparsers(dest="action", required=True)
     p = add("from-hf", "turn a Hugging Face model folder into a nomoat checkpoint", convert)
@@ -450,9 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint or run folder")
     p.add_argument("--out", help="file to write (default: model.safetensors in the checkpoint)")
     p.set_defaults(func=cmd_convert_consolidate)
-
-    p = add("to-hf", "write a checkpoint as a Hugging Face folder that transformers loads", convert)
-    p.add_argument("checkpoint", help="checkpoint folder or run folder")
+    p = add("to-hf", "write a model (any --adapter merged) as a Hugging Face folder for transformers", convert)
+    _model_args(p, device=False)
     p.add_argument("out", help="folder to write")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights; default: as stored")
     p.set_defaults(func=cmd_convert_to_hf)
@@ -461,17 +492,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint folder, run folder or Hugging Face folder")
     p.set_defaults(func=cmd_info)
 
-    p = add("serve", "an OpenAI-compatible API with continuous batching, and a chat page at /")
-    p.add_argument("model", help="checkpoint folder, run folder or Hugging Face folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but localhost wants --api-key")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API and /metrics")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together in one step")
-    p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot; more get 429")
-    p.add_argument("--max-context", type=int, default=4096, help="tokens per sequence, if below the model's context")
-    p.set_defaults(func=cmd_serve)
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="nomoat", description="Build your own language model end to end.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = _adder(sub)
+    _add_data_commands(sub, add)
+    _add_training_commands(add)
+    _add_inference_commands(add)
+    _add_eval_command(add)
+    _add_model_file_commands(sub, add)
     p = add("demo", "corpus -> tokenizer -> train -> eval -> sample on the bundled Shakespeare")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)

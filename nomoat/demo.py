@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nomoat.checkpoint import load_checkpoint
 from nomoat.config import load_config
 from nomoat.data import build_shards
 from nomoat.generate import generate_text
+from nomoat.load import load_model
 from nomoat.tokenizer import train_tokenizer
 from nomoat.train import train
 
@@ -58,7 +58,7 @@ def run_demo(out_dir: str | Path = "runs/demo", progress: bool = True) -> dict[s
     plot = result.run_dir / "loss.png"
     say(f"validation: {result.val_bpb:.3f} bits per byte (nanoGPT's CPU recipe: 2.72); plot: {plot}", file=sys.stderr)
     say("[4/4] sampling", file=sys.stderr)
-    ckpt = load_checkpoint(result.checkpoint)
+    ckpt = load_model(result.checkpoint)
     sample = PROMPT + "".join(
         generate_text(ckpt.model, ckpt.tokenizer, PROMPT, max_new_tokens=200, temperature=0.8, top_k=50, seed=0)
     )

@@ -9,10 +9,7 @@ loading a tuned model back, and `merge`. Not here: the loop itself (train.py), L
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,46 +21,31 @@ import torch
 import torch.nn.functional as F
 
 from nomoat.chat import encode_chat
-from nomoat.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from nomoat.config import FinetuneConfig, RunConfig, from_dict, read_toml
+from nomoat.checkpoint import Checkpoint, write_files
+from nomoat.config import FinetuneConfig, RunConfig
+from nomoat.convert.hf import copy_side_files
+from nomoat.device import pick_device
 from nomoat.errors import UserError
-from nomoat.files import file_sha256, replace_folder
-from nomoat.lora import ADAPTER_CONFIG, add_lora, load_adapter, merge_lora, save_adapter
+from nomoat.files import atomic_folder, file_sha256, read_records
+from nomoat.load import apply_adapter, load_model, model_folder, tuned_config
+from nomoat.lora import ADAPTER_CONFIG, add_lora, merge_lora, save_adapter
 from nomoat.quant import dequantize_model, quantize_model
 from nomoat.tokenizer import Tokenizer
-from nomoat.train import Setup, TrainResult, pick_device, train
+from nomoat.train import Setup, TrainResult, train
 
 IGNORE = -100  # target id that cross_entropy skips: prompt tokens and padding
 # (inputs, targets) of one training row, targets IGNORE where not scored; packed rows add each token's sample id
 Row = tuple[list[int], ...]
 
 
-def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """(where, record) for each record of JSONL lines (`file:line`) or a JSON array (`file[i]`); malformed JSON
-    is named by file and line."""
+def read_data(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(where, record) of a fine-tuning file: JSON lines (`file:line`) or a JSON array (`file[i]`)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such data file")
-    if path.suffix == ".json":
-        try:
-            records = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(records, list):
-            raise UserError(f"{path}: expected a JSON array of records, got {type(records).__name__}")
-        for i, record in enumerate(records):
-            yield f"{path}[{i}]", record
-        return
-    if path.suffix != ".jsonl":
+    if path.suffix not in (".json", ".jsonl"):
         raise UserError(f"{path}: expected a .jsonl, .json or .txt file")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    return read_records(path)
 
 
 def to_messages(record: dict[str, Any]) -> list[dict[str, str]]:
@@ -137,7 +119,7 @@ def build_rows(
         windows = [ids[i : i + seq_len + 1] for i in range(0, len(ids) - 1, seq_len)]
         pieces = [(w, [True] * len(w)) for w in windows]
     else:
-        for where, record in read_records(path):
+        for where, record in read_data(path):
             stats.records += 1
             for ids, mask in encode_record(tokenizer, record, where):
                 if len(ids) <= seq_len + 1:
@@ -293,7 +275,7 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Tra
     if fc is None or not fc.base or not fc.data:
         raise UserError("finetune.base and finetune.data must be set (nomoat finetune --base MODEL --data FILE)")
     device = pick_device(cfg.train.device)
-    base = load_checkpoint(fc.base, device=device)
+    base = load_model(fc.base, device=device)
     if cfg.train.seq_len > base.cfg.model.max_seq_len:
         raise UserError(
             f"train.seq_len ({cfg.train.seq_len}) exceeds the base model's context ({base.cfg.model.max_seq_len}); "
@@ -329,74 +311,8 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Tra
     # the base's side files, copied into every checkpoint; staged outside the run folder, which a refused run
     # (checkpoints there already, no --resume) must leave untouched
     with tempfile.TemporaryDirectory() as tmp:
-        setup.extra_files = _stage_base_files(Path(base.path), Path(tmp))
+        setup.extra_files = copy_side_files(Path(base.path), Path(tmp))
         return train(cfg, resume=resume, progress=progress, setup=setup)
-
-
-def _stage_base_files(base: Path, folder: Path) -> list[Path]:
-    """The base's Hugging Face side files, named as a nomoat checkpoint keeps them, so that a tuned model
-    exports back to the same HF layout (convert to-hf)."""
-    from nomoat.convert.hf import HF_CONFIG, SIDE_FILES
-
-    folder.mkdir(parents=True, exist_ok=True)
-    staged = []
-    config = base / HF_CONFIG if (base / HF_CONFIG).is_file() else base / "config.json"
-    if config.is_file():
-        shutil.copy(config, folder / HF_CONFIG)
-        staged.append(folder / HF_CONFIG)
-    for name in SIDE_FILES:
-        if (base / name).is_file():
-            shutil.copy(base / name, folder / name)
-            staged.append(folder / name)
-    return staged
-
-
-def _resolve(path: str | Path) -> Path:
-    from nomoat.checkpoint import resolve_checkpoint
-
-    path = Path(path)
-    if (path / ADAPTER_CONFIG).is_file():
-        return path
-    return resolve_checkpoint(path)
-
-
-def load_tuned(path: str | Path, adapter: str | Path | None = None, device: str = "cpu") -> Checkpoint:
-    """A model ready for inference: a plain checkpoint or HF folder, that plus a LoRA adapter folder, or a LoRA
-    fine-tuning checkpoint (its base is read from its config). Adapters are merged into the weights."""
-    folder = _resolve(path)
-    if adapter is None and (folder / ADAPTER_CONFIG).is_file():
-        adapter = folder
-        cfg = _finetune_config(folder)
-        if cfg is None:
-            raise UserError(f"{folder}: an adapter folder; give the base model, with --adapter {folder}")
-        ckpt = load_checkpoint(cfg.base, device=device)
-        tokenizer = Tokenizer.load(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
-    else:
-        ckpt = load_checkpoint(folder, device=device)
-        tokenizer = None
-        cfg = _finetune_config(Path(adapter)) if adapter is not None else None
-    if adapter is not None:
-        model = ckpt.model.float()
-        if cfg is not None and cfg.method == "qlora":
-            quantize_model(model, cfg.double_quant)  # the base as the adapter was trained on
-        load_adapter(model, adapter)
-        merge_lora(model)
-        dequantize_model(model)
-        ckpt = dataclasses.replace(ckpt, model=model.eval(), tokenizer=tokenizer or ckpt.tokenizer)
-    return ckpt
-
-
-def _tuned_config(folder: Path) -> RunConfig | None:
-    """The run config of a fine-tuning checkpoint; None for a bare adapter folder or a pretrained model."""
-    if not (folder / "config.toml").is_file():
-        return None
-    cfg = from_dict(read_toml(folder / "config.toml"), where=str(folder / "config.toml"))
-    return cfg if cfg.finetune is not None else None
-
-
-def _finetune_config(folder: Path) -> FinetuneConfig | None:
-    cfg = _tuned_config(folder)
-    return cfg.finetune if cfg else None
 
 
 def merge(
@@ -412,21 +328,16 @@ def merge(
     For a 4-bit base the merge dequantizes and adds the update in fp32; `requantize` snaps the merged weights
     back onto the NF4 grid (the precision a 4-bit deployment would use). Reports bits per byte on up to
     max_rows rows of `data` (default: the fine-tuning data) before and after, so that a damaging merge shows."""
-    folder = _resolve(path)
-    tuned = _tuned_config(folder)
+    folder = model_folder(path)
+    tuned = tuned_config(folder)
     fc = tuned.finetune if tuned else None
     base = base or (fc.base if fc else None)
     if base is None:
         raise UserError(f"{folder}: no base model recorded; pass --base MODEL")
     if not (folder / ADAPTER_CONFIG).is_file():
         raise UserError(f"{folder}: no {ADAPTER_CONFIG}: nothing to merge (full fine-tunes are already merged)")
-    ckpt = load_checkpoint(base)
-    model = ckpt.model.float()
-    qlora = fc is not None and fc.method == "qlora"
-    if qlora:
-        quantize_model(model, fc.double_quant)  # type: ignore[union-attr]
-    load_adapter(model, folder)
-    model.eval()
+    ckpt = load_model(base)
+    model = apply_adapter(ckpt.model, folder, fc).eval()
     data = data or (fc.data if fc else None)
     rows = None
     if data:
@@ -452,12 +363,8 @@ def merge(
 
 
 def _save_folder(ckpt: Checkpoint, base: Path, out: Path) -> None:
-    """A plain checkpoint folder at out, written beside it and renamed into place."""
-    tmp_root = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp_root, ignore_errors=True)
-    try:
-        staged = _stage_base_files(base, tmp_root / "base_files") if base.is_dir() else []
-        folder = save_checkpoint(tmp_root, 0, ckpt.model, ckpt.cfg, ckpt.tokenizer, extra_files=staged)
-        replace_folder(folder, out)
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
+    """A plain checkpoint folder at out, with the base's side files, written beside it and renamed into place."""
+    with atomic_folder(out) as tmp:
+        write_files(tmp, ckpt.model, ckpt.cfg, ckpt.tokenizer)
+        if base.is_dir():
+            copy_side_files(base, tmp)

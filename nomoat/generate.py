@@ -117,8 +117,11 @@ def generate_tokens(
             logits = step(torch.tensor([[token]], device=device), cache)[0, -1]
 
 
-def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, **kwargs) -> Iterator[str]:
-    """Stream decoded text pieces for a prompt; kwargs as for generate_tokens."""
+def generate_text(
+    model: Transformer, tokenizer: Tokenizer, prompt: str, stop: Sequence[str] = (), **kwargs
+) -> Iterator[str]:
+    """Stream decoded text pieces for a prompt, ending before the first stop string (not shown); kwargs as for
+    generate_tokens."""
     ids = tokenizer.encode(prompt)
     kwargs.setdefault("eos_id", tokenizer.eos_id)
-    yield from decode_stream(tokenizer, generate_tokens(model, ids, **kwargs))
+    yield from decode_stream(tokenizer, generate_tokens(model, ids, **kwargs), stop)

@@ -12,19 +12,18 @@ from typing import Any
 
 import torch
 
-from nomoat.checkpoint import resolve_checkpoint
 from nomoat.config import from_dict, read_toml
+from nomoat.load import model_folder, model_kind
 from nomoat.model import Transformer
 from nomoat.tokenizer import Tokenizer
 
 
 def lineage(path: str | Path) -> dict[str, Any]:
     """Everything a checkpoint records about its origin, as plain JSON-able values."""
-    if (Path(path) / "config.json").is_file() and not (Path(path) / "config.toml").is_file():
-        folder = Path(path)  # a Hugging Face folder: its lineage is the folder itself
+    folder = model_folder(path)
+    if model_kind(folder) == "hf":  # a Hugging Face folder: its lineage is the folder itself
         hf = json.loads((folder / "config.json").read_text())
         return {"path": str(folder), "model": {"architecture": hf.get("architectures", ["?"])[0]}, "base": str(folder)}
-    folder = resolve_checkpoint(path)
     cfg = from_dict(read_toml(folder / "config.toml"), where=str(folder / "config.toml"))
     with torch.device("meta"):  # parameter counts without allocating the weights
         model = Transformer(cfg.model)

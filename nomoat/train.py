@@ -28,6 +28,7 @@ from nomoat import distributed
 from nomoat.checkpoint import list_checkpoints, load_train_state, read_trainer_state, save_checkpoint, save_weights
 from nomoat.config import RunConfig, TrainConfig, from_dict, read_toml, to_dict
 from nomoat.data import ShardSet, TokenLoader, check_tokenizer_matches
+from nomoat.device import autocast_for, peak_flops, pick_device
 from nomoat.errors import UserError
 from nomoat.eval import evaluate_loss
 from nomoat.model import Transformer
@@ -90,30 +91,6 @@ def train_step(
     return loss_sum, distributed.full_norm(grad_norm)
 
 
-# Dense bf16 peak FLOP/s per GPU, from the vendors' datasheets; MFU divides achieved model FLOP/s by these.
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "H800": 989e12,
-    "GH200": 989e12,
-    "A100": 312e12,
-    "A800": 312e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "A10": 125e12,
-    "RTX 4090": 165e12,
-    "V100": 125e12,
-}
-
-
-def peak_flops(device: torch.device) -> float:
-    """This device's peak, or 0 when unknown (CPUs): the logs then show achieved FLOP/s only."""
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), 0.0)
-
-
 def training_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token (6N plus attention) for models that report them, else 6N."""
     if hasattr(model, "flops_per_token"):
@@ -123,19 +100,6 @@ def training_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 
 def config_text(cfg: RunConfig) -> str:
     return tomli_w.dumps(to_dict(cfg))
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast_for(device: torch.device, dtype: str) -> torch.autocast | None:
-    """bf16 autocast on GPU; CPUs without native bf16 run it far slower, so they stay in fp32."""
-    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return None
 
 
 class StopFlag:
@@ -242,152 +206,187 @@ def pretraining_setup(cfg: RunConfig, device: torch.device) -> Setup:
     )
 
 
+class Clock:
+    """Training seconds and tokens/s between log rows; time spent validating and saving is left out."""
+
+    def __init__(self) -> None:
+        self.seconds, self.last, self.tokens = 0.0, time.perf_counter(), 0
+
+    def lap(self) -> float:
+        """Tokens per second since the last lap, whose time is added to the training seconds."""
+        now = time.perf_counter()
+        self.seconds += now - self.last
+        rate = self.tokens / (now - self.last)
+        self.last, self.tokens = now, 0
+        return rate
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.last += time.perf_counter() - start
+
+
+class Run:
+    """One training run's parts and bookkeeping: the model wrapped for this world, its optimizer, where it
+    saves and logs. `train` drives it; the loop itself stays in `train` so that it reads in one screen."""
+
+    def __init__(self, cfg: RunConfig, setup: Setup, world: distributed.World, device: torch.device) -> None:
+        self.cfg, self.tc, self.setup, self.world, self.device = cfg, cfg.train, setup, world, device
+        self.run_dir = Path(self.tc.out_dir)
+        self.metrics_file = self.run_dir / "metrics.jsonl"
+        self.model, self.loader = setup.model, setup.loader
+        precision_by_fsdp = distributed.uses_fsdp_precision(self.tc, device, world)
+        self.autocast = None if precision_by_fsdp else autocast_for(device, self.tc.dtype)
+        self.forward = distributed.parallelize(self.model, self.tc, device, world)
+        self.optimizer = make_optimizer(self.model, self.tc, device)
+        self.tokens_per_step = self.tc.batch_size * self.tc.seq_len * self.tc.grad_accum
+        self.flops_per_token = training_flops_per_token(self.model, self.tc.seq_len)
+        self.peak = peak_flops(device) * world.size
+
+    def start(self, resume: bool) -> int:
+        """The step to start from: 0 for a new run folder, the newest checkpoint's step when resuming."""
+        start_step = 0
+        found = list_checkpoints(self.run_dir)
+        if resume:
+            if not found:
+                raise UserError(f"{self.run_dir}: no checkpoint to resume from")
+            saved = from_dict(read_toml(found[-1] / "config.toml"), where=str(found[-1] / "config.toml"))
+            if diff := _config_diff(saved.model, self.cfg.model, "model"):
+                raise UserError(f"cannot resume {found[-1]} with a different model config ({'; '.join(diff)})")
+            load_train_state(found[-1], self.model, self.optimizer)
+            state = read_trainer_state(found[-1])
+            self.loader.load_state_dict(state["loader"])
+            torch.set_rng_state(state["rng"])
+            start_step = state["step"]
+            if self.world.main:  # rows logged after that checkpoint came from work now lost
+                rows = _read_metrics(self.metrics_file, start_step)
+                self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        elif found:
+            raise UserError(f"{self.run_dir} already holds checkpoints: pass --resume, or choose another train.out_dir")
+        elif self.world.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.metrics_file.write_text("")
+        distributed.barrier(self.world)
+        return start_step
+
+    def step(self, step: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """One optimizer step at the schedule's learning rate: (lr, summed loss, grad norm)."""
+        lr = lr_at(step, self.tc)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = distributed.micro_batches(self.loader, self.tc.grad_accum, self.world)
+        loss_sum, grad_norm = train_step(
+            self.forward, self.model, self.optimizer, batches, self.tc, self.autocast, self.device
+        )
+        return lr, loss_sum, grad_norm
+
+    def log_step(self, step: int, lr: float, loss_sum: torch.Tensor, grad_norm: torch.Tensor, clock: Clock) -> dict:
+        loss = distributed.mean_over_ranks(loss_sum, self.world).item()
+        tok_s = clock.lap()
+        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tok_s}
+        row["flops_per_s"] = self.flops_per_token * tok_s
+        if self.peak:
+            row["mfu"] = row["flops_per_s"] / self.peak
+        self.log(row)
+        return row
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.world.main:
+            with self.metrics_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def validate(self, step: int) -> dict[str, float]:
+        assert self.setup.val is not None
+        self.model.eval()
+        result = self.setup.val(self.forward)
+        if self.tc.eval_tasks:  # zero/few-shot task metrics, logged with the loss (nomoat.eval.tasks)
+            from nomoat.eval.tasks import task_metrics
+
+            result |= task_metrics(distributed.unwrap(self.model), self.setup.tokenizer, self.tc.eval_tasks)
+        self.model.train()
+        self.log({"step": step, **result})
+        return result
+
+    def save(self, step: int) -> Path:
+        trainer = {"step": step, "rng": torch.get_rng_state(), "loader": self.loader.state_dict()}
+        s = self.setup
+        return save_checkpoint(
+            self.run_dir, step, self.model, self.cfg, s.tokenizer, s.manifest, trainer, self.tc.keep_last,
+            s.extra_files, optimizer=self.optimizer, export=s.export, world=self.world,
+        )  # fmt: skip
+
+    def result(self, step: int, start_step: int, loss: float, val: dict[str, float], clock: Clock) -> TrainResult:
+        """The run's summary; the last train loss comes from the metrics file, or this rank's own last log."""
+        train_rows = [r for r in _read_metrics(self.metrics_file, step) if "loss" in r]
+        return TrainResult(
+            run_dir=self.run_dir,
+            step=step,
+            train_loss=train_rows[-1]["loss"] if train_rows else loss,
+            val_loss=val.get("val_loss"),
+            val_bpb=val.get("val_bpb"),
+            train_seconds=clock.seconds,  # this session's, when resumed
+            tokens_per_s=(step - start_step) * self.tokens_per_step / clock.seconds if clock.seconds else 0.0,
+            checkpoint=list_checkpoints(self.run_dir)[-1],
+        )
+
+
+def _check_eval_tasks(tc: TrainConfig) -> None:
+    """A bad task file fails now, not at the first validation an hour in."""
+    if tc.eval_tasks:
+        from nomoat.eval.tasks import parse_task_arg, read_items
+
+        for arg in tc.eval_tasks:
+            read_items(*parse_task_arg(arg))
+
+
 def train(cfg: RunConfig, resume: bool = False, progress: bool = True, setup: Setup | None = None) -> TrainResult:
     """Train per cfg; with resume, continue from the newest checkpoint in cfg.train.out_dir.
 
     Without a setup this is pretraining; fine-tuning passes its own. Under torchrun each process runs this same
     function: `distributed` wraps the model and hands each rank its slice of every global batch."""
     tc = cfg.train
-    run_dir = Path(tc.out_dir)
     world = distributed.init(pick_device(tc.device))
-    device = distributed.local_device(pick_device(tc.device), world)
-    distributed.check_same_config(config_text(cfg), world)
-    setup = setup or pretraining_setup(cfg, device)
-    if tc.eval_tasks:  # a bad task file fails now, not at the first validation an hour in
-        from nomoat.eval.tasks import parse_task_arg, read_items
-
-        for arg in tc.eval_tasks:
-            read_items(*parse_task_arg(arg))
-    model, loader = setup.model, setup.loader
-    autocast = None if distributed.uses_fsdp_precision(tc, device, world) else autocast_for(device, tc.dtype)
-    forward = distributed.parallelize(model, tc, device, world)
-    optimizer = make_optimizer(model, tc, device)
-    start_step = 0
-    metrics_file = run_dir / "metrics.jsonl"
-    if resume:
-        found = list_checkpoints(run_dir)
-        if not found:
-            raise UserError(f"{run_dir}: no checkpoint to resume from")
-        saved = from_dict(read_toml(found[-1] / "config.toml"), where=str(found[-1] / "config.toml"))
-        diff = _config_diff(saved.model, cfg.model, "model")
-        if diff:
-            raise UserError(f"cannot resume {found[-1]} with a different model config ({'; '.join(diff)})")
-        load_train_state(found[-1], model, optimizer)
-        state = read_trainer_state(found[-1])
-        loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"])
-        start_step = state["step"]
+    try:
+        device = distributed.local_device(pick_device(tc.device), world)
+        distributed.check_same_config(config_text(cfg), world)
+        run = Run(cfg, setup or pretraining_setup(cfg, device), world, device)
+        _check_eval_tasks(tc)
+        step = start_step = run.start(resume)
+        run.model.train()
+        bar = tqdm(total=tc.steps, initial=step, disable=not (progress and world.main), unit="step", dynamic_ncols=True)
+        stop, clock, val, loss = StopFlag(), Clock(), {}, float("nan")
+        with stop.installed():
+            while step < tc.steps:
+                lr, loss_sum, grad_norm = run.step(step)
+                step += 1
+                clock.tokens += run.tokens_per_step
+                is_last = step == tc.steps
+                if step % tc.log_every == 0 or is_last:
+                    row = run.log_step(step, lr, loss_sum, grad_norm, clock)
+                    loss = row["loss"]
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}", refresh=False)
+                bar.update(1)
+                if run.setup.val is not None and ((tc.eval_every and step % tc.eval_every == 0) or is_last):
+                    with clock.paused():
+                        val = run.validate(step)
+                    if progress and world.main and "val_loss" in val:
+                        line = f"step {step}: val loss {val['val_loss']:.4f}, {val['val_bpb']:.4f} bits per byte"
+                        bar.write(line, sys.stderr)
+                if distributed.any_rank(stop.signum is not None, world) and not is_last:
+                    bar.close()
+                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, run.save(step))
+                if (tc.save_every and step % tc.save_every == 0) or is_last:
+                    with clock.paused():
+                        run.save(step)
+        bar.close()
         if world.main:
-            rows = _read_metrics(metrics_file, start_step)
-            metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    elif list_checkpoints(run_dir):
-        raise UserError(f"{run_dir} already holds checkpoints: pass --resume, or choose another train.out_dir")
-    elif world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics_file.write_text("")
-    distributed.barrier(world)
-
-    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
-    flops_per_token = training_flops_per_token(model, tc.seq_len)
-    peak = peak_flops(device) * world.size
-
-    def save(step: int) -> Path:
-        trainer = {"step": step, "rng": torch.get_rng_state(), "loader": loader.state_dict()}
-        return save_checkpoint(
-            run_dir,
-            step,
-            model,
-            cfg,
-            setup.tokenizer,
-            setup.manifest,
-            trainer,
-            tc.keep_last,
-            setup.extra_files,
-            optimizer=optimizer,
-            export=setup.export,
-            world=world,
-        )
-
-    def log(row: dict[str, Any]) -> None:
-        if world.main:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def validate(step: int) -> dict[str, float]:
-        assert setup.val is not None
-        model.eval()
-        result = setup.val(forward)
-        if tc.eval_tasks:  # zero/few-shot task metrics, logged with the loss (nomoat.eval.tasks)
-            from nomoat.eval.tasks import task_metrics
-
-            result |= task_metrics(distributed.unwrap(model), setup.tokenizer, tc.eval_tasks)
-        model.train()
-        log({"step": step, **result})
-        return result
-
-    model.train()
-    bar = tqdm(
-        total=tc.steps, initial=start_step, disable=not (progress and world.main), unit="step", dynamic_ncols=True
-    )
-    stop = StopFlag()
-    val: dict[str, float] = {}
-    loss_value = float("nan")
-    train_seconds, t_last, tokens_since = 0.0, time.perf_counter(), 0
-    step = start_step
-    with stop.installed():
-        while step < tc.steps:
-            lr = lr_at(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batches = distributed.micro_batches(loader, tc.grad_accum, world)
-            loss_sum, grad_norm = train_step(forward, model, optimizer, batches, tc, autocast, device)
-            step += 1
-            tokens_since += tokens_per_step
-
-            if step % tc.log_every == 0 or step == tc.steps:
-                loss_value = distributed.mean_over_ranks(loss_sum, world).item()
-                now = time.perf_counter()
-                train_seconds += now - t_last
-                tok_s = tokens_since / (now - t_last)
-                row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tok_s}
-                row["flops_per_s"] = flops_per_token * tok_s
-                if peak:
-                    row["mfu"] = row["flops_per_s"] / peak
-                t_last, tokens_since = now, 0
-                log(row)
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            bar.update(1)
-
-            is_last = step == tc.steps
-            if setup.val is not None and ((tc.eval_every and step % tc.eval_every == 0) or is_last):
-                pause = time.perf_counter()
-                val = validate(step)
-                t_last += time.perf_counter() - pause  # validation time is not training time
-                if progress and world.main and "val_loss" in val:
-                    line = f"step {step}: val loss {val['val_loss']:.4f}, {val['val_bpb']:.4f} bits per byte"
-                    bar.write(line, sys.stderr)
-            if distributed.any_rank(stop.signum is not None, world) and not is_last:
-                bar.close()
-                raise TrainingInterrupted(stop.signum or signal.SIGTERM, save(step))
-            if (tc.save_every and step % tc.save_every == 0) or is_last:
-                pause = time.perf_counter()
-                save(step)
-                t_last += time.perf_counter() - pause
-    bar.close()
-    if world.main:
-        plot_losses(metrics_file, run_dir / "loss.png")
-    rows = _read_metrics(metrics_file, step)
-    train_rows = [r for r in rows if "loss" in r]
-    return TrainResult(
-        run_dir=run_dir,
-        step=step,
-        train_loss=train_rows[-1]["loss"] if train_rows else loss_value,
-        val_loss=val.get("val_loss"),
-        val_bpb=val.get("val_bpb"),
-        train_seconds=train_seconds,  # this session's, when resumed
-        tokens_per_s=(step - start_step) * tokens_per_step / train_seconds if train_seconds else 0.0,
-        checkpoint=list_checkpoints(run_dir)[-1],
-    )
+            plot_losses(run.metrics_file, run.run_dir / "loss.png")
+        return run.result(step, start_step, loss, val, clock)
+    finally:
+        distributed.shutdown()
 
 
 def _has_val(train_set: ShardSet) -> bool:

@@ -16,8 +16,9 @@ from nomoat.checkpoint import load_checkpoint, save_checkpoint
 from nomoat.cli import main
 from nomoat.config import FinetuneConfig, ModelConfig, RunConfig, TrainConfig
 from nomoat.errors import UserError
-from nomoat.finetune import IGNORE, RowLoader, build_rows, finetune, load_tuned, masked_loss, merge, pack
+from nomoat.finetune import IGNORE, RowLoader, build_rows, finetune, masked_loss, merge, pack
 from nomoat.generate import generate_tokens
+from nomoat.load import load_model
 from nomoat.model import Transformer
 from nomoat.tokenizer import Tokenizer, train_tokenizer
 
@@ -204,11 +205,11 @@ def test_tiny_model_learns_to_answer_and_stop(
     result = finetune(ft_config(base, data, tmp_path / "run", method="full", val_data=str(data)), progress=False)
     assert result.train_loss < 0.05 and result.val_loss is not None and result.val_loss < 0.05
     assert result.val_bpb is not None and 0 < result.val_bpb < 0.1  # scored tokens only, over their UTF-8 bytes
-    tuned = load_tuned(tmp_path / "run")
+    tuned = load_model(tmp_path / "run")
     for q, a in CHATS:
         text, stopped = answer(tuned.model, tuned.tokenizer, q)
         assert text == f"{a}<|im_end|>\n" and stopped
-    before, stopped = answer(load_tuned(base).model, tuned.tokenizer, CHATS[0][0])
+    before, stopped = answer(load_model(base).model, tuned.tokenizer, CHATS[0][0])
     assert not before.startswith("Blue.")
     reply = stream_reply(tuned.model, tuned.tokenizer, [{"role": "user", "content": CHATS[1][0]}], temperature=0)
     assert "".join(reply) == CHATS[1][1]  # the turn closer <|im_end|> is not shown
@@ -238,11 +239,11 @@ def test_lora_run_resumes_exactly_and_merges(base: Path, tmp_path: Path) -> None
     peft_logits = peft_forward(base, ckpt, tmp_path / "hf")
     x = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(peft_logits(x), load_tuned(ckpt).model(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(peft_logits(x), load_model(ckpt).model(x), rtol=1e-4, atol=1e-4)
     report = merge(ckpt, tmp_path / "merged")
     assert report["bpb_before"] is not None and abs(report["bpb_change"]) < 1e-4  # an fp32 merge changes nothing
-    merged = load_tuned(tmp_path / "merged")
-    unmerged = load_tuned(ckpt)
+    merged = load_model(tmp_path / "merged")
+    unmerged = load_model(ckpt)
     x = torch.randint(0, 320, (1, 12))
     torch.testing.assert_close(merged.model(x), unmerged.model(x), rtol=1e-4, atol=1e-4)
 

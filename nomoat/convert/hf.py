@@ -8,7 +8,6 @@ model itself only knows q/k/v. Not here: tokenizer logic (tokenizer.py) and the 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from nomoat.checkpoint import Checkpoint, build_model, read_safetensors, save_checkpoint
+from nomoat.checkpoint import Checkpoint, build_model, read_safetensors, write_files
 from nomoat.config import ModelConfig, RunConfig, TrainConfig
 from nomoat.errors import UserError
-from nomoat.files import replace_folder
+from nomoat.files import atomic_folder
 from nomoat.tokenizer import Tokenizer
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPTNeoXForCausalLM", "GPT2LMHeadModel")
@@ -291,29 +290,32 @@ def _load_tokenizer(folder: Path) -> Tokenizer:
     return Tokenizer.load(folder / "tokenizer.json")
 
 
+def copy_side_files(src: Path, dst: Path) -> list[Path]:
+    """The Hugging Face side files of src copied into dst under the names a nomoat checkpoint keeps them by
+    (its original config.json as hf_config.json), so that a model exports back to the layout it came in."""
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    config = src / HF_CONFIG if (src / HF_CONFIG).is_file() else src / "config.json"
+    if config.is_file():
+        copied.append(Path(shutil.copy(config, dst / HF_CONFIG)))
+    copied += [Path(shutil.copy(src / name, dst / name)) for name in SIDE_FILES if (src / name).is_file()]
+    return copied
+
+
 def from_hf(hf_dir: str | Path, out: str | Path) -> Path:
     """Convert a Hugging Face folder into a nomoat checkpoint folder (atomically; nothing is left on failure)."""
-    hf_dir, out = Path(hf_dir), Path(out)
+    hf_dir = Path(hf_dir)
     ckpt = load_hf(hf_dir)
-    tmp_root = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp_root, ignore_errors=True)
-    try:
-        folder = save_checkpoint(tmp_root, 0, ckpt.model, ckpt.cfg, ckpt.tokenizer)
-        shutil.copy(hf_dir / "config.json", folder / HF_CONFIG)
-        for name in SIDE_FILES:
-            if (hf_dir / name).is_file():
-                shutil.copy(hf_dir / name, folder / name)
-        replace_folder(folder, out)
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
-    return out
+    with atomic_folder(out) as tmp:
+        write_files(tmp, ckpt.model, ckpt.cfg, ckpt.tokenizer)
+        copy_side_files(hf_dir, tmp)
+    return Path(out)
 
 
 def to_hf(
     ckpt: Checkpoint, out: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30
 ) -> Path:
     """Write a folder that transformers' AutoModelForCausalLM.from_pretrained loads with no missing keys."""
-    out = Path(out)
     base_file = ckpt.path / (HF_CONFIG if (ckpt.path / HF_CONFIG).is_file() else "config.json")
     base = json.loads(base_file.read_text()) if base_file.is_file() else {}
     arch = (base.get("architectures") or [architecture_of(ckpt.cfg.model)])[0]
@@ -325,10 +327,7 @@ def to_hf(
     hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     if ckpt.tokenizer.eos_id is not None:
         hf.setdefault("eos_token_id", ckpt.tokenizer.eos_id)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
         _save_sharded(state, tmp, max_shard_bytes)
         ckpt.tokenizer.save(tmp / "tokenizer.json")
@@ -337,10 +336,7 @@ def to_hf(
                 shutil.copy(ckpt.path / name, tmp / name)
         if not (tmp / "tokenizer_config.json").is_file():
             (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(ckpt.tokenizer), indent=2) + "\n")
-        replace_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def _tokenizer_config(tok: Tokenizer) -> dict[str, Any]:

@@ -5,6 +5,7 @@ ours. Importing this module registers it; `python -m nomoat.eval.harness ARGS` i
 
     python -m nomoat.eval.harness --model nomoat --model_args pretrained=runs/a --tasks hellaswag
 
+`pretrained` is any MODEL nomoat loads (load.py); `adapter=FOLDER` applies a LoRA adapter to it.
 In Python, `import nomoat.eval.harness` before `lm_eval.simple_evaluate(model="nomoat", ...)` does the same.
 Scoring is `lm.py`'s, so the harness and `nomoat eval --task` give the same numbers.
 """
@@ -21,9 +22,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
 
-from nomoat.checkpoint import load_checkpoint
 from nomoat.eval.lm import document_nll, score_requests
 from nomoat.generate import generate_tokens
+from nomoat.load import load_model
 from nomoat.tokenizer import decode_stream
 
 
@@ -38,13 +39,14 @@ class NomoatLM(TemplateLM):
         batch_size: int | str = 4,
         max_length: int | None = None,
         max_gen_toks: int = 256,
+        adapter: str | None = None,
         **_: Any,  # the harness passes its own settings (e.g. trust_remote_code); nomoat needs none of them
     ) -> None:
         super().__init__()
         if str(device).startswith("cuda") and not torch.cuda.is_available():  # the harness CLI asks for cuda
             warnings.warn(f"device {device} is not available; using cpu", stacklevel=2)
             device = "cpu"
-        ckpt = load_checkpoint(pretrained, device=device)
+        ckpt = load_model(pretrained, adapter=adapter, device=device)
         self.model, self.tokenizer = ckpt.model.eval(), ckpt.tokenizer
         self.window = int(max_length or self.model.cfg.max_seq_len)
         self.rolling_batch = int(batch_size) if str(batch_size).isdigit() else 4
@@ -85,14 +87,7 @@ class NomoatLM(TemplateLM):
         tokens = generate_tokens(
             self.model, prompt, max_gen_toks, temperature=temperature, seed=1234, eos_id=self.eot_token_id
         )
-        text, longest = "", max(map(len, until), default=0)
-        for piece in decode_stream(self.tokenizer, tokens):
-            text += piece
-            if any(s in text[-(len(piece) + longest) :] for s in until):  # only where a stop could have just formed
-                break
-        cut = min((text.index(s) for s in until if s in text), default=len(text))
-        return text[:cut]
-
+        return "".join(decode_stream(self.tokenizer, tokens, until))
 
 def main(argv: list[str] | None = None) -> None:
     """`lm_eval` with the nomoat model type registered."""

@@ -6,7 +6,6 @@ with different tokenizers compare fairly (the nanochat and nanoGPT figures are i
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from nomoat.data import ShardSet, iter_eval_batches
 from nomoat.errors import UserError
 from nomoat.eval.lm import document_nll, rolling_nll
+from nomoat.files import read_records
 from nomoat.model import Transformer
 from nomoat.tokenizer import Tokenizer
 
@@ -61,17 +61,10 @@ def _documents(path: Path) -> Iterator[str]:
     if path.suffix != ".jsonl":
         yield path.read_text(encoding="utf-8")
         return
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-                raise UserError(f"{path}:{line_no}: missing field 'text'")
-            yield doc["text"]
+    for where, doc in read_records(path):
+        if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+            raise UserError(f"{where}: missing field 'text'")
+        yield doc["text"]
 
 
 def _summary(nats: float, tokens: int, n_bytes: float) -> dict[str, float]:

@@ -33,17 +33,18 @@ def evaluate(
     limit: int = 0,
     overflow: Overflow = "truncate",
     device: str = "cpu",
+    adapter: str | Path | None = None,
 ) -> dict[str, Any]:
     """Language-modelling metrics over text files (together) and token shards, and each task's metrics.
 
     A task is `NAME_OR_TOML=DATA.jsonl` (or a definition naming its own data); window 0 is the model's context
     and stride 0 the window, which is the harness's loglikelihood_rolling."""
-    from nomoat.checkpoint import load_checkpoint
     from nomoat.data import ShardSet, check_tokenizer_matches
     from nomoat.eval.loss import evaluate_shards, evaluate_text
     from nomoat.eval.tasks import evaluate_task, parse_task_arg
+    from nomoat.load import load_model
 
-    ckpt = load_checkpoint(model_path, device=device)
+    ckpt = load_model(model_path, adapter=adapter, device=device)
     window = window or ckpt.model.cfg.max_seq_len
     results: dict[str, dict[str, float]] = {}
     if texts:
@@ -59,6 +60,8 @@ def evaluate(
         )
     settings = {"window": window, "stride": stride or window, "num_fewshot": num_fewshot, "fewshot_seed": seed}
     settings |= {"limit": limit, "overflow": overflow, "texts": list(texts), "tasks": list(tasks)}
+    if adapter is not None:
+        settings["adapter"] = str(adapter)
     return {"model": str(model_path), "settings": settings, "results": results}
 
 

@@ -13,7 +13,6 @@ HellaSwag, ARC-Easy/Challenge, PIQA, Winogrande and LAMBADA ship in `builtin/`. 
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -27,6 +26,7 @@ from typing import Any, Literal
 from nomoat.config import read_toml
 from nomoat.errors import UserError
 from nomoat.eval.lm import score_requests
+from nomoat.files import read_records
 from nomoat.model import Transformer
 from nomoat.tokenizer import Tokenizer
 
@@ -124,28 +124,27 @@ def read_items(spec: TaskSpec, path: Path, limit: int = 0) -> list[Item]:
     choices = env.compile_expression(spec.choices, undefined_to_none=False) if spec.choices else None
     label = env.compile_expression(spec.label, undefined_to_none=False) if spec.label else None
     items = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(doc, dict):
-                raise UserError(f"{where}: expected a JSON object")
-            try:
-                items.append(_render(spec, doc, line_no, where, context, continuation, choices, label))
-            except jinja2.UndefinedError as e:
-                raise UserError(f"{where}: missing field ({e.message}) for task {spec.name}") from None
-            except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
-                raise UserError(f"{where}: does not fit task {spec.name} ({type(e).__name__}: {e})") from None
-            if limit and len(items) == limit:
-                break
+    for where, doc in read_records(path):
+        if not isinstance(doc, dict):
+            raise UserError(f"{where}: expected a JSON object")
+        try:
+            items.append(_render(spec, doc, _item_number(where), where, context, continuation, choices, label))
+        except jinja2.UndefinedError as e:
+            raise UserError(f"{where}: missing field ({e.message}) for task {spec.name}") from None
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+            raise UserError(f"{where}: does not fit task {spec.name} ({type(e).__name__}: {e})") from None
+        if limit and len(items) == limit:
+            break
     if not items:
         raise UserError(f"{path}: no items (empty file)")
     return items
+
+
+def _item_number(where: str) -> int:
+    """An item's number: its line in a JSON-lines file (`file:7`), its place from 1 in a JSON array (`file[6]`)."""
+    if where.endswith("]"):
+        return int(where.rpartition("[")[2][:-1]) + 1
+    return int(where.rpartition(":")[2])
 
 
 def _render(spec: TaskSpec, doc: dict, line_no: int, where: str, context, continuation, choices, label) -> Item:
