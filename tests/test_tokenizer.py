@@ -6,7 +6,7 @@ import pytest
 import tokenizers
 
 from nomoat.errors import UserError
-from nomoat.tokenizer import EOS, DecodeStream, Tokenizer, decode_stream, train_tokenizer
+from nomoat.tokenizer import EOS, DecodeStream, StopStream, Tokenizer, decode_stream, train_tokenizer
 
 SHAKESPEARE = Path(__file__).parents[1] / "nomoat/assets/tinyshakespeare.txt"
 SAMPLES = [
@@ -92,3 +92,29 @@ def test_load_errors(tmp_path: Path) -> None:
 def test_vocab_too_small() -> None:
     with pytest.raises(UserError, match="vocab_size 100"):
         train_tokenizer(["abc"], vocab_size=100)
+
+
+def test_stop_stream_holds_back_a_stop_split_over_pieces() -> None:
+    stream = StopStream(["</s>", "STOP"])
+    out = [stream.push(p) for p in ["Hello <", "/", "x and S", "TO", "P more"]]
+    assert out == ["Hello ", "", "</x and ", "", ""] and stream.stopped
+    assert stream.flush() == "" and stream.push("after") == ""
+    tail = StopStream(["STOP"])
+    assert tail.push("ends with ST") == "ends with " and tail.flush() == "ST"  # generation ended: it was text
+    assert StopStream().push("no stops") == "no stops"
+    earliest = StopStream(["b", "ab"])
+    assert earliest.push("xab") == "x"  # the stop that starts first wins
+
+
+def test_decode_stream_cuts_at_stop_and_closes_the_ids() -> None:
+    tok = train_tokenizer(["hello world, hello there"] * 10, 280)
+    closed = []
+
+    def ids():
+        try:
+            yield from tok.encode("hello world, hello there")
+        finally:
+            closed.append(True)
+
+    assert "".join(decode_stream(tok, ids(), [", h"])) == "hello world" and closed == [True]
+    assert "".join(decode_stream(tok, tok.encode("hello there"))) == "hello there"

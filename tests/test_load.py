@@ -1,0 +1,98 @@
+"""Tests for nomoat/load.py: one loader for every MODEL a user holds, and --adapter on every command that
+takes a MODEL (generate, eval, to-hf here; chat and serve build on the same call)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nomoat.checkpoint import save_checkpoint
+from nomoat.cli import main
+from nomoat.config import ModelConfig, RunConfig, TrainConfig
+from nomoat.convert import to_hf
+from nomoat.errors import UserError
+from nomoat.eval.loss import evaluate_text
+from nomoat.generate import generate_text
+from nomoat.load import load_model, model_kind
+from nomoat.lora import add_lora, lora_layers, merge_lora, save_adapter
+from nomoat.model import Transformer
+from nomoat.tokenizer import train_tokenizer
+
+TEXT = "The quick brown fox jumps over the lazy dog. " * 20
+
+
+@pytest.fixture(scope="module")
+def base_and_adapter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Transformer]:
+    """A random LLaMA-style checkpoint, a PEFT-format adapter for it with non-zero B, and the merged model."""
+    root = tmp_path_factory.mktemp("load")
+    tok = train_tokenizer([TEXT], 300)
+    cfg = ModelConfig(
+        vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_seq_len=64,
+        norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, tie_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    base = save_checkpoint(root / "base", 0, model, RunConfig(model=cfg, train=TrainConfig(seq_len=32)), tok)
+    add_lora(model, 4, 8.0)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.2)
+    save_adapter(model, root / "adapter", base=str(base))
+    merge_lora(model)
+    return base, root / "adapter", model.eval()
+
+
+def test_kinds_are_told_from_the_files(base_and_adapter, tmp_path: Path) -> None:
+    base, adapter, _ = base_and_adapter
+    hf = to_hf(load_model(base), tmp_path / "hf")
+    assert (model_kind(base), model_kind(adapter), model_kind(hf)) == ("nomoat", "adapter", "hf")
+    assert model_kind(base.parent.parent) == "nomoat"  # the run folder
+
+
+def test_adapter_given_separately_is_merged(base_and_adapter) -> None:
+    base, adapter, merged = base_and_adapter
+    x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    plain = load_model(base).model.eval()
+    tuned = load_model(base, adapter=adapter).model
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(x), merged(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(plain(x), merged(x), atol=1e-3)  # the adapter really changes the model
+
+
+def test_bare_adapter_without_base_is_one_clear_error(base_and_adapter) -> None:
+    _, adapter, _ = base_and_adapter
+    with pytest.raises(UserError, match="an adapter folder; give the base model, with --adapter"):
+        load_model(adapter)
+    with pytest.raises(UserError, match="not a LoRA adapter folder"):
+        load_model(adapter.parent / "base", adapter=adapter.parent / "nowhere")
+
+
+def test_cli_commands_take_adapter(base_and_adapter, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base, adapter, merged = base_and_adapter
+    tok = load_model(base).tokenizer
+    args = ["generate", str(base), "--adapter", str(adapter), "--prompt", "The quick", "--temperature", "0"]
+    assert main([*args, "--max-new-tokens", "12", "--json"]) == 0
+    text = json.loads(capsys.readouterr().out.splitlines()[-1])["text"]
+    assert text == "".join(generate_text(merged, tok, "The quick", max_new_tokens=12, temperature=0))
+
+    (tmp_path / "doc.txt").write_text(TEXT)
+    assert main(["eval", str(base), "--adapter", str(adapter), "--text", str(tmp_path / "doc.txt"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    expected = evaluate_text(merged, tok, [str(tmp_path / "doc.txt")], 64, 0, 4)
+    assert result["results"]["text"]["bits_per_byte"] == pytest.approx(expected["bits_per_byte"], rel=1e-5)
+    assert result["settings"]["adapter"] == str(adapter)
+
+    assert main(["convert", "to-hf", str(base), str(tmp_path / "hf"), "--adapter", str(adapter)]) == 0
+    x = torch.randint(0, 300, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "hf").model(x), merged(x), rtol=1e-5, atol=1e-5)
+
+
+def test_generate_stops_before_a_stop_string(base_and_adapter, capsys: pytest.CaptureFixture[str]) -> None:
+    base, _, _ = base_and_adapter
+    args = ["generate", str(base), "--prompt", "The", "--temperature", "0", "--max-new-tokens", "30", "--json"]
+    assert main(args) == 0
+    full = json.loads(capsys.readouterr().out.splitlines()[-1])["text"]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert main([*args, "--stop", "\x00never", "--stop", stop]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["text"] == full[: full.index(stop)]
