@@ -105,6 +105,7 @@ def save_checkpoint(
     return final
 
 
+# The leading arguments are save_checkpoint's, which hands them on unchanged: a deliberate parallel.
 def write_files(
     folder: Path,
     model: torch.nn.Module,

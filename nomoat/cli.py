@@ -51,6 +51,11 @@ def _run_training(args: argparse.Namespace, run: Callable[[], Any]) -> int:
     return 0
 
 
+def _fields(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The named flags as keyword arguments of the library call that a command wraps."""
+    return {name: getattr(args, name) for name in names}
+
+
 def _load(args: argparse.Namespace) -> Any:
     """The MODEL (and --adapter) of a command, through the one loader."""
     from nomoat.load import load_model
@@ -91,16 +96,7 @@ def cmd_data_build(args: argparse.Namespace) -> None:
         progress=not args.json,
         strict=args.strict,
     )
-    splits = manifest["splits"]
-    summary = {
-        "out": args.out,
-        "train_tokens": splits["train"]["tokens"],
-        "val_tokens": splits["val"]["tokens"],
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    _report(
-        args, f"wrote {args.out}: {summary['train_tokens']:,} train and {summary['val_tokens']:,} val tokens", summary
-    )
+    _report_shards(args, manifest["splits"], start)
 
 
 def cmd_data_build_recipe(args: argparse.Namespace) -> None:
@@ -118,16 +114,18 @@ def cmd_data_build_recipe(args: argparse.Namespace) -> None:
         engine=args.engine,
         ray_address=args.ray_address,
     )
-    splits = sheet["splits"]
-    summary = {
-        "out": args.out,
-        "train_tokens": splits["train"]["tokens"],
-        "val_tokens": splits["val"]["tokens"],
-        "sources": {s["name"]: s["tokens_out"] for s in sheet["sources"]},
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    sources = {s["name"]: s["tokens_out"] for s in sheet["sources"]}
+    _report_shards(args, sheet["splits"], start, {"sources": sources}, ", datasheet.md and mixture.png")
+
+
+def _report_shards(
+    args: argparse.Namespace, splits: dict, start: float, extra: dict | None = None, also: str = ""
+) -> None:
+    """The line and --json summary of a shard build, from files or from a recipe."""
+    summary = {"out": args.out, "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"]}
+    summary |= {**(extra or {}), "seconds": round(time.perf_counter() - start, 3)}
     tokens = f"{summary['train_tokens']:,} train and {summary['val_tokens']:,} val tokens"
-    _report(args, f"wrote {args.out}: {tokens}, datasheet.md and mixture.png", summary)
+    _report(args, f"wrote {args.out}: {tokens}{also}", summary)
 
 
 def cmd_train(args: argparse.Namespace, overrides: dict[str, str], argv: list[str]) -> int:
@@ -200,18 +198,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     ckpt = _load(args)
     pieces = []
-    stream = generate_text(
-        ckpt.model,
-        ckpt.tokenizer,
-        args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        compile=args.compile,
-        stop=args.stop or (),
-    )
+    sampling = _fields(args, "max_new_tokens", "temperature", "top_k", "top_p", "seed", "compile")
+    stream = generate_text(ckpt.model, ckpt.tokenizer, args.prompt, stop=args.stop or (), **sampling)
     if not args.json:
         print(args.prompt, end="", flush=True)
     start = time.perf_counter()
@@ -262,16 +250,9 @@ def cmd_eval_report(args: argparse.Namespace) -> None:
         args.model,
         texts=args.text or (),
         tasks=args.task or (),
-        shards=args.shards,
-        split=args.split,
         window=args.seq_len,
-        stride=args.stride,
-        batch_size=args.batch_size,
-        num_fewshot=args.num_fewshot,
         seed=args.fewshot_seed,
-        limit=args.limit,
-        overflow=args.overflow,
-        device=args.device,
+        **_fields(args, "shards", "split", "stride", "batch_size", "num_fewshot", "limit", "overflow", "device"),
         adapter=args.adapter,
     )
     print(markdown_table([results], [""]), file=sys.stderr)
@@ -318,14 +299,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from nomoat.serve.app import ServeConfig, serve  # FastAPI and uvicorn load only for this command
 
-    cfg = ServeConfig(
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        max_context=args.max_context,
-    )  # checked before the model loads
+    cfg = ServeConfig(**_fields(args, "host", "port", "api_key", "max_batch", "max_queue", "max_context"))
+    # (checked before the model loads)
     serve(_load(args), cfg)
 
 

@@ -91,6 +91,21 @@ def parse_json(text: str, where: str) -> Any:
         raise UserError(f"{where}: not valid JSON ({e.msg})") from None
 
 
+def read_json(path: str | Path, missing: str = "no such file") -> Any:
+    """A whole JSON file; a missing, binary or malformed one is one line naming it (`missing` says what the
+    file should have been)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: {missing}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: binary data (not UTF-8), not a JSON file") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
 def read_records(
     path: str | Path, lines: Iterable[bytes] | None = None, bad_lines: BadLines | None = None
 ) -> Iterator[tuple[str, Any]]:
@@ -130,12 +145,7 @@ def read_records(
 
 
 def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: binary data (not UTF-8), not a JSON file") from None
+    records = read_json(path)
     if not isinstance(records, list):
         raise UserError(f"{path}: expected a JSON array of records, got {type(records).__name__}")
     for i, record in enumerate(records):

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nomoat.errors import UserError
+from nomoat.files import read_json
 from nomoat.quant import NF4Linear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -166,12 +167,7 @@ def save_adapter(model: nn.Module, folder: str | Path, base: str = "") -> None:
 
 def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file (not a LoRA adapter folder)") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    config = read_json(path, missing="no such file (not a LoRA adapter folder)")
     if config.get("peft_type") != "LORA":
         raise UserError(f"{path}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
     for key in ("use_dora", "use_rslora"):

@@ -168,6 +168,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = Norm(cfg)
         self.mlp = MLP(cfg)
 
+    # The same arguments as Attention.forward, which a block hands them to unchanged: a deliberate parallel.
     def forward(
         self,
         x: torch.Tensor,

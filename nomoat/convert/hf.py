@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from nomoat.checkpoint import Checkpoint, build_model, read_safetensors, write_files
 from nomoat.config import ModelConfig, RunConfig, TrainConfig
 from nomoat.errors import UserError
-from nomoat.files import atomic_folder
+from nomoat.files import atomic_folder, read_json
 from nomoat.tokenizer import Tokenizer
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPTNeoXForCausalLM", "GPT2LMHeadModel")
@@ -31,12 +31,7 @@ HF_CONFIG = "hf_config.json"  # the original config.json, kept in nomoat checkpo
 
 def read_hf_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
-    try:
-        hf = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    hf = read_json(path)
     arch = (hf.get("architectures") or ["?"])[0]
     if arch not in ARCHITECTURES:
         raise UserError(f"{path}: architecture {arch} is not supported (supported: {', '.join(ARCHITECTURES)})")

@@ -13,6 +13,7 @@ from typing import Any
 
 from nomoat.errors import UserError
 from nomoat.eval.tasks import Overflow
+from nomoat.files import read_json
 
 # metrics shown in tables, in this order; counts and timings stay in the JSON
 SHOWN = ("acc", "acc_norm", "perplexity", "bits_per_byte", "loss")
@@ -77,12 +78,7 @@ def save_results(results: dict[str, Any], path: str | Path) -> tuple[Path, Path]
 
 def load_results(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    try:
-        results = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such results file") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not a JSON results file ({e.msg} at line {e.lineno})") from None
+    results = read_json(path, missing="no such results file")
     if not isinstance(results, dict) or not isinstance(results.get("results"), dict):
         raise UserError(f'{path}: not a results file of `nomoat eval` (no "results" object)')
     return results
