@@ -6,6 +6,7 @@ A checkpoint is a folder `step_00001000/` holding `model.safetensors`, `config.t
 format, where each rank writes its own shards and any world size reads them back. It is built in a temporary
 folder and renamed into place, so a save that fails midway leaves the previous checkpoint untouched. Sharded
 (FSDP) runs skip `model.safetensors`; `consolidate` streams it out of `state/` one tensor at a time.
+Not here: other formats and adapters, which commands load through load.py.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Fine-tuning: instruction, chat and plain-text records -> masked batches -> the one training loop.
 
-Here: reading records (file:line named on error), encoding them with assistant-only loss masks (chat.py),
+Here: fine-tuning records (read by files.read_records) encoded with assistant-only loss masks (chat.py),
 over-long and unscored samples counted, optional packing, a loader whose batch k is a pure function of
-(seed, k), the `finetune()` call that hands train() a Setup (full weights, LoRA, or LoRA over an NF4 base),
-loading a tuned model back, and `merge`. Not here: the loop itself (train.py), LoRA and NF4 (lora.py, quant.py).
+(seed, k), the `finetune()` call that hands train() a Setup (full weights, LoRA, or LoRA over an NF4 base), and
+`merge`. Not here: the loop itself (train.py), loading a tuned model back (load.py), LoRA and NF4 (lora.py,
+quant.py).
 """
 
 from __future__ import annotations

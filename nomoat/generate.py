@@ -1,4 +1,5 @@
-"""Sampling: a streaming token iterator over the KV cache, and a text iterator on top of it.
+"""Sampling: a streaming token iterator over the KV cache, and a text iterator on top of it that ends at stop
+strings (through tokenizer.decode_stream, as every command that streams text does).
 
 Greedy (temperature 0), temperature, top-k and top-p (nucleus, arXiv:1904.09751), seeded for repeatability.
 The model stays math-only; batching many requests and serving live in `serve/`.

@@ -1,7 +1,7 @@
 """A model's lineage: what it is, which tokenizer it reads, which text it was trained on, and what it came from.
 
 Read from the files a checkpoint carries (config.toml, tokenizer.json, manifest.json, datasheet.json and, for
-imported models, hf_config.json) without loading the weights. Not here: building the datasheet (data/recipe.py).
+imported models, hf_config.json) without loading the weights. Not here: building the datasheet (data/datasheet.py).
 """
 
 from __future__ import annotations
