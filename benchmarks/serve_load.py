@@ -54,13 +54,13 @@ def serve_random_model(port: int, n_layer: int, max_batch: int, seed: int) -> No
 
     from nomoat.config import load_config
     from nomoat.model import Transformer
-    from nomoat.serve.app import build_app
+    from nomoat.serve.app import ServeConfig, build_app
 
     cfg = dataclasses.replace(load_config("llama-125m").model, n_layer=n_layer)
     torch.manual_seed(seed)
     model = Transformer(cfg).eval()
     print(f"server: {model.num_params() / 1e6:.0f}M parameters, {torch.get_num_threads()} threads", flush=True)
-    app = build_app(model, build_tokenizer(cfg.vocab_size), MODEL, max_batch=max_batch, max_queue=256)
+    app = build_app(model, build_tokenizer(cfg.vocab_size), MODEL, ServeConfig(max_batch=max_batch, max_queue=256))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 

@@ -27,7 +27,7 @@ from nomoat.checkpoint import save_checkpoint
 from nomoat.cli import main
 from nomoat.config import ModelConfig
 from nomoat.model import KVCache, Transformer
-from nomoat.serve.app import build_app, running
+from nomoat.serve.app import ServeConfig, build_app, running
 from nomoat.tokenizer import Tokenizer
 
 CFG = ModelConfig(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_seq_len=96)
@@ -69,14 +69,14 @@ def start(app) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def server(tokenizer) -> Iterator[Server]:
-    yield from start(build_app(tiny_model(), tokenizer, NAME, max_batch=8, max_queue=64))
+    yield from start(build_app(tiny_model(), tokenizer, NAME, ServeConfig(max_batch=8, max_queue=64)))
 
 
 @pytest.fixture(scope="module")
 def slow_server(tokenizer) -> Iterator[Server]:
     torch.manual_seed(0)
     model = SlowModel(CFG).eval()
-    yield from start(build_app(model, tokenizer, NAME, api_key=KEY, max_batch=1, max_queue=1))
+    yield from start(build_app(model, tokenizer, NAME, ServeConfig(api_key=KEY, max_batch=1, max_queue=1)))
 
 
 def complete(client: openai.OpenAI, prompt: str, **kwargs):
@@ -222,7 +222,7 @@ def test_health_and_metrics(server):
 
 
 def test_max_context_caps_a_long_model_context(tokenizer):
-    with running(build_app(tiny_model(), tokenizer, NAME, max_context=16)) as url:
+    with running(build_app(tiny_model(), tokenizer, NAME, ServeConfig(max_context=16))) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         assert client.models.list().data[0].max_model_len == 16
         with pytest.raises(openai.BadRequestError, match="context is 16"):

@@ -12,7 +12,7 @@ import torch
 
 from nomoat.config import ModelConfig
 from nomoat.model import Transformer
-from nomoat.serve.app import build_app, running
+from nomoat.serve.app import ServeConfig, build_app, running
 from nomoat.tokenizer import Tokenizer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -95,7 +95,7 @@ def test_chat_page_sends_the_api_key(browser, shakespeare_shards):
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=320, n_layer=1, n_head=2, d_model=16, d_ff=32, max_seq_len=128))
-    app = build_app(model.eval(), Tokenizer.load(shakespeare_shards[1]), "tiny", api_key="sesame")
+    app = build_app(model.eval(), Tokenizer.load(shakespeare_shards[1]), "tiny", ServeConfig(api_key="sesame"))
     with running(app) as url:
         browser.get(url + "/")
         browser.find_element(By.ID, "input").send_keys("Hi")

@@ -1,466 +1,394 @@
-"""The OpenAI-compatible HTTP API over the engine, and the chat page at `/`.
+"""The HTTP server: `ServeConfig`, the routes, the bridge from engine events to a JSON body or an event stream,
+`build_app`, `serve` and `running`.
 
-Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health, GET /metrics. Every
-error, ours or the framework's, is OpenAI's `{"error": {"message", "type", "param", "code"}}`. Requests carry
-text and numbers only: no field names a file. Not here: batching and sampling (engine.py).
+Endpoints: GET /, GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health, GET /metrics. The
+routes read what they serve from `app.state`. Not here: OpenAI's formats (protocol.py), the key and body checks in
+front of the app (guard.py), batching and sampling (engine.py), loading a model (the CLI's loader does that).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import secrets
 import socket
 import sys
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from importlib import resources
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nomoat.chat import render_chat, turn_closer
 from nomoat.errors import UserError
 from nomoat.model import Transformer
 from nomoat.serve.engine import Engine, Event, Generation, QueueFull, SamplingParams
+from nomoat.serve.guard import MAX_BODY_BYTES, Guard, error_response
 from nomoat.serve.metrics import Metrics
+from nomoat.serve.protocol import (
+    DONE,
+    MAX_CHOICES,
+    MAX_STOPS,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Reply,
+    SamplingRequest,
+    error_body,
+    sse,
+    usage,
+)
 from nomoat.tokenizer import Tokenizer
 
-MAX_BODY_BYTES = 1 << 20
-MAX_CHOICES = 16  # n times the number of prompts
-MAX_STOPS = 4
-OPEN_PATHS = ("/", "/health")  # the page holds no data and asks for the key itself; probes need no key
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
+__all__ = ["ServeConfig", "build_app", "running", "serve"]
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """How `nomoat serve` serves: where, behind which key, and how much work it takes on at once."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_batch: int = 16  # sequences decoded together
+    max_queue: int = 64  # sequences waiting for a slot before requests get 429
+    max_context: int = 4096  # tokens per sequence, when the model's own context is longer
+
+    def __post_init__(self) -> None:
+        if min(self.max_batch, self.max_queue, self.max_context - 1) < 1:
+            raise UserError(
+                f"--max-batch and --max-queue must be at least 1 and --max-context at least 2 "
+                f"(got {self.max_batch}, {self.max_queue} and {self.max_context})"
+            )
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port {self.port} is not a port number")
+
+
+# --- errors: every one, ours or the framework's, in OpenAI's shape ---
+
+
+async def api_error(request: Request, e: APIError) -> JSONResponse:
+    return error_response(e.status, e.message, e.param, e.code)
+
+
+async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+    first = e.errors()[0]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        return error_response(400, f"the body is not valid JSON: {first.get('msg')}")
+    where = ".".join(loc)
+    return error_response(400, f"{where or 'body'}: {first.get('msg')}", where or None)
+
+
+async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    return error_response(e.status_code, str(e.detail))
+
+
+async def crash(request: Request, e: Exception) -> JSONResponse:
+    return error_response(500, f"internal error: {type(e).__name__}")
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    APIError: api_error,
+    RequestValidationError: invalid,
+    StarletteHTTPException: http_error,
+    Exception: crash,
 }
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+# --- a request's text and numbers, checked against the model served, as engine input ---
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True)
-    include_usage: bool = False
-
-
-class SamplingRequest(BaseModel):
-    """The fields completions and chat share. Strict: "5" is not a number, as with OpenAI."""
-
-    model_config = ConfigDict(strict=True)
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-
-
-class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None  # declared only to refuse them: see unsupported()
-    echo: bool | None = None
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True)
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True)
-    role: str
-    content: str | list[TextPart] | None = None
-
-
-class ChatRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    tools: list[Any] | None = None
-
-
-class Guard:
-    """ASGI middleware in front of everything: the API key, the body size limit and request counting.
-
-    The body is read here, up to the limit, and replayed to the app; later reads go to the client again, so that
-    a disconnect still reaches the handlers."""
-
-    def __init__(self, app: Any, api_key: str | None, max_body: int, metrics: Metrics, paths: set[str]) -> None:
-        self.app, self.api_key, self.max_body, self.metrics, self.paths = app, api_key, max_body, metrics, paths
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        endpoint = scope["path"] if scope["path"] in self.paths else "other"
-
-        async def counted_send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                self.metrics.count_request(endpoint, message["status"])
-            await send(message)
-
-        async def reply(status: int, message: str, code: str | None = None) -> None:
-            await error_response(status, message, code=code)(scope, receive, counted_send)
-
-        headers = dict(scope["headers"])
-        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
-            given = headers.get(b"authorization", b"")
-            if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
-                return await reply(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "invalid_api_key")
-        too_big = f"the request body is over {self.max_body} bytes"
-        declared = headers.get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > self.max_body:
-            return await reply(413, too_big)
-        body, more = bytearray(), True
-        while more:  # the declared length may be absent (chunked) or a lie, so count what arrives
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_body:
-                return await reply(413, too_big)
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, counted_send)
-
-
-def build_app(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    model_name: str,
-    api_key: str | None = None,
-    max_batch: int = 16,
-    max_queue: int = 64,
-    max_context: int = 4096,
-    max_body: int = MAX_BODY_BYTES,
-) -> Any:
-    """The ASGI app: FastAPI routes behind the Guard. The engine thread starts and stops with the app's lifespan."""
-    metrics = Metrics()
-    engine = Engine(model, tokenizer, max_batch, max_queue, max_context, metrics=metrics)
-    context = engine.max_len
-    created = int(time.time())
-    page_html = resources.files("nomoat.serve").joinpath("page.html").read_text()
-    try:  # what the template writes after a reply ("<|im_end|>", "<|eot_id|>"): a stop string even when only text
-        closer = turn_closer(tokenizer)
-    except UserError:
-        closer = ""
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
-        yield
-        engine.stop()
-
-    app = FastAPI(title="nomoat", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.engine = engine
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError) -> JSONResponse:
-        return error_response(e.status, e.message, e.param, e.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0]
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        if first.get("type") == "json_invalid":
-            return error_response(400, f"the body is not valid JSON: {first.get('msg')}")
-        where = ".".join(loc)
-        return error_response(400, f"{where or 'body'}: {first.get('msg')}", where or None)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return error_response(e.status_code, str(e.detail))
-
-    @app.exception_handler(Exception)
-    async def crash(request: Request, e: Exception) -> JSONResponse:
-        return error_response(500, f"internal error: {type(e).__name__}")
-
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise APIError(
-                404, f"the model {name!r} does not exist; this server has {model_name!r}", "model", "model_not_found"
-            )
-
-    def sampling(body: SamplingRequest, max_tokens: int | None, default_max: int) -> SamplingParams:
-        if max_tokens is not None and max_tokens > context:
-            raise APIError(400, f"max_tokens is {max_tokens}; the model's context is {context} tokens", "max_tokens")
-        stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
-        if len(stops) > MAX_STOPS:
-            raise APIError(400, f"stop has {len(stops)} strings; at most {MAX_STOPS}", "stop")
-        return SamplingParams(
-            max_tokens=max_tokens or default_max,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            seed=body.seed,
-            stop=tuple(s for s in stops if s),
+def check_model(name: str, served: str) -> None:
+    if name != served:
+        raise APIError(
+            404, f"the model {name!r} does not exist; this server has {served!r}", "model", "model_not_found"
         )
 
-    def unsupported(body: BaseModel, *names: str) -> None:
-        """Refuse, rather than silently ignore, what a client would rely on (lm-eval's loglikelihood needs
-        logprobs and echo)."""
-        for name in names:
-            if getattr(body, name):
-                raise APIError(400, f"{name} is not supported by this server", name, "unsupported_parameter")
 
-    def encode(text: str, param: str) -> list[int]:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # JSON may escape a lone surrogate, which no tokenizer takes
-            raise APIError(400, f"{param} is not valid Unicode (it holds a lone surrogate)", param) from None
-        return tokenizer.encode(text)
+def unsupported(body: BaseModel, *names: str) -> None:
+    """Refuse, rather than silently ignore, what a client would rely on (lm-eval's loglikelihood needs logprobs
+    and echo)."""
+    for name in names:
+        if getattr(body, name):
+            raise APIError(400, f"{name} is not supported by this server", name, "unsupported_parameter")
 
-    def check_prompt(ids: list[int]) -> list[int]:
-        if not ids:
-            raise APIError(400, "the prompt is empty", "prompt")
-        if len(ids) >= context:
-            raise APIError(
-                400,
-                f"the prompt has {len(ids)} tokens; the model's context is {context}, "
-                "which must also hold at least one new token",
-                "prompt",
-                "context_length_exceeded",
-            )
-        if min(ids) < 0 or max(ids) >= tokenizer.vocab_size:
-            raise APIError(400, f"prompt token ids must lie in [0, {tokenizer.vocab_size})", "prompt")
-        return ids
 
-    async def run(
-        request: Request,
-        prompts: list[list[int]],
-        params: SamplingParams,
-        body: SamplingRequest,
-        chunk: Callable[[int, str, str | None], dict],
-        whole: Callable[[list[str], list[str | None]], dict],
-        opening: Callable[[int], dict] | None = None,
-    ) -> Response:
-        """Submit n sequences per prompt and answer as one JSON body or as server-sent events (after an opening
-        chunk per choice, if given: chat announces the assistant's role)."""
-        n = body.n or 1
-        if n * len(prompts) > MAX_CHOICES:
-            raise APIError(400, f"n times the number of prompts is {n * len(prompts)}; at most {MAX_CHOICES}", "n")
+def sampling(body: SamplingRequest, max_tokens: int | None, default_max: int, context: int) -> SamplingParams:
+    if max_tokens is not None and max_tokens > context:
+        raise APIError(400, f"max_tokens is {max_tokens}; the model's context is {context} tokens", "max_tokens")
+    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    if len(stops) > MAX_STOPS:
+        raise APIError(400, f"stop has {len(stops)} strings; at most {MAX_STOPS}", "stop")
+    return SamplingParams(
+        max_tokens=max_tokens or default_max,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop=tuple(s for s in stops if s),
+    )
+
+
+def encode(tokenizer: Tokenizer, text: str, param: str) -> list[int]:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # JSON may escape a lone surrogate, which no tokenizer takes
+        raise APIError(400, f"{param} is not valid Unicode (it holds a lone surrogate)", param) from None
+    return tokenizer.encode(text)
+
+
+def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
+    """The token ids of each prompt: a completion takes a text, texts, ids, or lists of ids."""
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        raw = [encode(tokenizer, prompt, "prompt")]
+    elif prompt and all(isinstance(x, str) for x in prompt):
+        raw = [encode(tokenizer, x, "prompt") for x in prompt]  # type: ignore[arg-type]
+    elif prompt and all(isinstance(x, int) for x in prompt):
+        raw = [prompt]  # type: ignore[list-item]
+    else:
+        raw = list(prompt)  # type: ignore[arg-type]
+    if not raw:
+        raise APIError(400, "the prompt is empty", "prompt")
+    return raw  # type: ignore[return-value]
+
+
+def check_prompt(ids: list[int], context: int, vocab_size: int) -> list[int]:
+    if not ids:
+        raise APIError(400, "the prompt is empty", "prompt")
+    if len(ids) >= context:
+        raise APIError(
+            400,
+            f"the prompt has {len(ids)} tokens; the model's context is {context}, "
+            "which must also hold at least one new token",
+            "prompt",
+            "context_length_exceeded",
+        )
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        raise APIError(400, f"prompt token ids must lie in [0, {vocab_size})", "prompt")
+    return ids
+
+
+def chat_text(body: ChatRequest, tokenizer: Tokenizer) -> str:
+    """The conversation rendered by the model's chat template, up to the assistant's turn."""
+    messages = [
+        {
+            "role": m.role,
+            "content": m.content if isinstance(m.content, str) else "".join(x.text for x in m.content or []),
+        }
+        for m in body.messages
+    ]
+    try:
+        return render_chat(tokenizer, messages, add_generation_prompt=True)
+    except UserError as e:
+        raise APIError(400, str(e), "messages") from None
+
+
+# --- from engine events to the answer ---
+
+
+class Job:
+    """One request's sequences in the engine (n per prompt), and the queue their events reach the event loop on
+    from the engine thread. All or none are queued: QueueFull is a 429."""
+
+    def __init__(self, engine: Engine, prompts: list[list[int]], params: SamplingParams, n: int) -> None:
+        self.engine, self.prompts, self.finished = engine, prompts, 0
+        self.events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
         def emitter(index: int) -> Callable[[Event], None]:
-            return lambda event: loop.call_soon_threadsafe(events.put_nowait, (index, event))
+            return lambda event: loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
 
-        seqs: list[Generation] = []
+        self.seqs: list[Generation] = []
         try:
             for p, prompt in enumerate(prompts):
-                seqs += engine.submit(prompt, params, [emitter(p * n + j) for j in range(n)])
+                self.seqs += engine.submit(prompt, params, [emitter(p * n + j) for j in range(n)])
         except QueueFull as e:
-            engine.cancel(seqs)
+            engine.cancel(self.seqs)
             raise APIError(429, f"the server is busy: {e}", code="queue_full") from None
 
-        def usage() -> dict[str, int]:  # read once the sequences are done
-            prompt_tokens, completion_tokens = sum(len(p) for p in prompts), sum(s.generated for s in seqs)
-            total = prompt_tokens + completion_tokens
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
+    @property
+    def running(self) -> bool:
+        return self.finished < len(self.seqs)
 
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
+    async def next(self, timeout: float | None = None) -> tuple[int, Event]:
+        """The next event of any choice (asyncio.TimeoutError when none comes within timeout seconds)."""
+        i, event = await asyncio.wait_for(self.events.get(), timeout)
+        self.finished += event.finish_reason is not None
+        return i, event
 
-            async def sse() -> AsyncIterator[str]:
-                try:
-                    for i in range(len(seqs) if opening else 0):
-                        yield f"data: {json.dumps(opening(i))}\n\n"
-                    done = 0
-                    while done < len(seqs):
-                        i, event = await events.get()
-                        if event.finish_reason == "error":
-                            yield f"data: {json.dumps(error_body(500, 'generation failed'))}\n\n"
-                            return
-                        if event.text:
-                            yield f"data: {json.dumps(chunk(i, event.text, None))}\n\n"
-                        if event.finish_reason is not None:
-                            done += 1
-                            yield f"data: {json.dumps(chunk(i, '', event.finish_reason))}\n\n"
-                    if include_usage:
-                        yield f"data: {json.dumps({**chunk(0, '', None), 'choices': [], 'usage': usage()})}\n\n"
-                    yield "data: [DONE]\n\n"
-                finally:  # also when the client went away: the slots free at the next step
-                    engine.cancel(seqs)
+    def usage(self) -> dict[str, int]:  # read once the sequences are done
+        return usage(sum(len(p) for p in self.prompts), sum(s.generated for s in self.seqs))
 
-            return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        texts, reasons = [""] * len(seqs), [None] * len(seqs)
-        done = 0
-        try:
-            while done < len(seqs):
-                try:
-                    i, event = await asyncio.wait_for(events.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return Response(status_code=499)
-                    continue
-                if event.finish_reason == "error":
-                    raise APIError(500, "generation failed")
-                texts[i] += event.text
-                if event.finish_reason is not None:
-                    reasons[i] = event.finish_reason
-                    done += 1
-        finally:
-            engine.cancel(seqs)
-        return JSONResponse({**whole(texts, reasons), "usage": usage()})
+    def cancel(self) -> None:
+        self.engine.cancel(self.seqs)
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page() -> HTMLResponse:
-        return HTMLResponse(page_html)
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "queue_depth": engine.queue_depth, "running": engine.active}
+async def answer(
+    request: Request, prompts: list[list[int]], params: SamplingParams, body: SamplingRequest, reply: Reply
+) -> Response:
+    """Submit n sequences per prompt and answer as one JSON body, or as server-sent events when body.stream."""
+    n = body.n or 1
+    if n * len(prompts) > MAX_CHOICES:
+        raise APIError(400, f"n times the number of prompts is {n * len(prompts)}; at most {MAX_CHOICES}", "n")
+    job = Job(request.app.state.engine, prompts, params, n)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        events = stream(job, reply, include_usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await collect(request, job, reply)
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
-    async def models() -> dict:
-        card = {"id": model_name, "object": "model", "created": created, "owned_by": "nomoat", "max_model_len": context}
-        return {"object": "list", "data": [card]}
+async def collect(request: Request, job: Job, reply: Reply) -> Response:
+    """Wait for every choice, then answer with the whole body; 499 if the client goes away first."""
+    texts, reasons = [""] * len(job.seqs), [None] * len(job.seqs)
+    try:
+        while job.running:
+            try:
+                i, event = await job.next(timeout=0.25)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return Response(status_code=499)
+                continue
+            if event.finish_reason == "error":
+                raise APIError(500, "generation failed")
+            texts[i] += event.text
+            if event.finish_reason is not None:
+                reasons[i] = event.finish_reason
+    finally:
+        job.cancel()
+    return JSONResponse(reply.whole(texts, reasons, job.usage()))
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        check_model(body.model)
-        unsupported(body, "logprobs", "echo")
-        p = body.prompt
-        if isinstance(p, str):
-            raw = [encode(p, "prompt")]
-        elif p and all(isinstance(x, str) for x in p):
-            raw = [encode(x, "prompt") for x in p]  # type: ignore[arg-type]
-        elif p and all(isinstance(x, int) for x in p):
-            raw = [p]  # type: ignore[list-item]
-        else:
-            raw = list(p)  # type: ignore[arg-type]
-        if not raw:
-            raise APIError(400, "the prompt is empty", "prompt")
-        prompts = [check_prompt(ids) for ids in raw]
-        params = sampling(body, body.max_tokens, 16)  # OpenAI's default for completions
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "object": "text_completion", "created": now, "model": model_name}
 
-        def chunk(i: int, text: str, reason: str | None) -> dict:
-            return {**head, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}]}
+async def stream(job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+    """Each choice's text as it comes, then its finish_reason in a chunk of its own; usage if asked; DONE."""
+    try:
+        for chunk in reply.opening(len(job.seqs)):
+            yield sse(chunk)
+        while job.running:
+            i, event = await job.next()
+            if event.finish_reason == "error":
+                yield sse(error_body(500, "generation failed"))
+                return
+            if event.text:
+                yield sse(reply.chunk(i, event.text, None))
+            if event.finish_reason is not None:
+                yield sse(reply.chunk(i, "", event.finish_reason))
+        if include_usage:
+            yield sse(reply.usage_chunk(job.usage()))
+        yield DONE
+    finally:  # also when the client went away: the slots free at the next step
+        job.cancel()
 
-        def whole(texts: list[str], reasons: list[str | None]) -> dict:
-            choices = [
-                {"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
-            ]
-            return {**head, "choices": choices}
 
-        return await run(request, prompts, params, body, chunk, whole)
+# --- the routes (registered in build_app) ---
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request) -> Response:
-        check_model(body.model)
-        unsupported(body, "logprobs", "tools")
-        messages = [
-            {
-                "role": m.role,
-                "content": m.content if isinstance(m.content, str) else "".join(x.text for x in m.content or []),
-            }
-            for m in body.messages
-        ]
-        try:
-            text = render_chat(tokenizer, messages, add_generation_prompt=True)
-        except UserError as e:
-            raise APIError(400, str(e), "messages") from None
-        prompt = check_prompt(encode(text, "messages"))
-        params = sampling(body, body.max_completion_tokens or body.max_tokens, context - len(prompt))
-        if closer:
-            params = replace(params, stop=(*params.stop, closer))
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name}
 
-        def chunk(i: int, text: str, reason: str | None) -> dict:
-            delta = {"content": text} if text else {}
-            return {**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+async def page(request: Request) -> HTMLResponse:
+    return HTMLResponse(request.app.state.page_html)
 
-        def opening(i: int) -> dict:
-            delta = {"role": "assistant", "content": ""}
-            return {**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
 
-        def whole(texts: list[str], reasons: list[str | None]) -> dict:
-            choices = [
-                {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
-                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
-            ]
-            return {**head, "object": "chat.completion", "choices": choices}
+async def health(request: Request) -> dict:
+    engine = request.app.state.engine
+    return {"status": "ok", "queue_depth": engine.queue_depth, "running": engine.active}
 
-        return await run(request, [prompt], params, body, chunk, whole, opening)
 
+async def prometheus(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def models(request: Request) -> dict:
+    state = request.app.state
+    card = {
+        "id": state.model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "nomoat",
+        "max_model_len": state.engine.max_len,
+    }
+    return {"object": "list", "data": [card]}
+
+
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    state = request.app.state
+    context, tokenizer = state.engine.max_len, state.tokenizer
+    check_model(body.model, state.model_name)
+    unsupported(body, "logprobs", "echo")
+    prompts = [check_prompt(ids, context, tokenizer.vocab_size) for ids in completion_prompts(body, tokenizer)]
+    params = sampling(body, body.max_tokens, 16, context)  # OpenAI's default for completions
+    return await answer(request, prompts, params, body, Reply.new(state.model_name, chat=False))
+
+
+async def chat_completions(body: ChatRequest, request: Request) -> Response:
+    state = request.app.state
+    context, tokenizer = state.engine.max_len, state.tokenizer
+    check_model(body.model, state.model_name)
+    unsupported(body, "logprobs", "tools")
+    prompt = check_prompt(encode(tokenizer, chat_text(body, tokenizer), "messages"), context, tokenizer.vocab_size)
+    params = sampling(body, body.max_completion_tokens or body.max_tokens, context - len(prompt), context)
+    if state.closer:
+        params = replace(params, stop=(*params.stop, state.closer))
+    return await answer(request, [prompt], params, body, Reply.new(state.model_name, chat=True))
+
+
+# --- the app, and serving it ---
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The engine thread starts and stops with the app."""
+    app.state.engine.start()
+    yield
+    app.state.engine.stop()
+
+
+def build_app(model: Transformer, tokenizer: Tokenizer, model_name: str, cfg: ServeConfig | None = None) -> Guard:
+    """The ASGI app: the routes behind the Guard, with what they serve in `app.state`."""
+    cfg = cfg or ServeConfig()
+    metrics = Metrics()
+    app = FastAPI(
+        title="nomoat", lifespan=lifespan, docs_url=None, redoc_url=None, exception_handlers=EXCEPTION_HANDLERS
+    )
+    app.get("/", response_class=HTMLResponse, include_in_schema=False)(page)
+    app.get("/health")(health)
+    app.get("/metrics", response_class=PlainTextResponse)(prometheus)
+    app.get("/v1/models")(models)
+    app.post("/v1/completions")(completions)
+    app.post("/v1/chat/completions")(chat_completions)
+    state = app.state
+    state.cfg, state.model_name, state.tokenizer, state.metrics = cfg, model_name, tokenizer, metrics
+    state.engine = Engine(model, tokenizer, cfg.max_batch, cfg.max_queue, cfg.max_context, metrics=metrics)
+    state.created = int(time.time())
+    state.page_html = resources.files("nomoat.serve").joinpath("page.html").read_text()
+    try:  # what the template writes after a reply ("<|im_end|>", "<|eot_id|>"): a stop string even when only text
+        state.closer = turn_closer(tokenizer)
+    except UserError:
+        state.closer = ""
     paths = {r.path for r in app.routes if hasattr(r, "path")}
-    return Guard(app, api_key, max_body, metrics, paths)
+    return Guard(app, cfg.api_key, MAX_BODY_BYTES, metrics, paths)
 
 
-def serve(
-    model_path: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    device: str = "cpu",
-    max_batch: int = 16,
-    max_queue: int = 64,
-    max_context: int = 4096,
-) -> None:
-    """Load a checkpoint or Hugging Face folder and serve it until Ctrl-C."""
+def serve(ckpt: Any, cfg: ServeConfig) -> None:
+    """Serve a loaded model (anything with `.model`, `.tokenizer` and `.path`, as a Checkpoint has) until Ctrl-C."""
     import uvicorn
 
-    from nomoat.checkpoint import load_checkpoint
-
-    if min(max_batch, max_queue, max_context - 1) < 1:
-        raise UserError(
-            f"--max-batch and --max-queue must be at least 1 and --max-context at least 2 "
-            f"(got {max_batch}, {max_queue} and {max_context})"
-        )
-    if not 0 <= port <= 65535:
-        raise UserError(f"--port {port} is not a port number")
-    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+    if cfg.host not in LOCAL_HOSTS and cfg.api_key is None:
         print(
-            f"nomoat: warning: serving on {host} without --api-key: anyone who can reach it can use it", file=sys.stderr
+            f"nomoat: warning: serving on {cfg.host} without --api-key: anyone who can reach it can use it",
+            file=sys.stderr,
         )
-    ckpt = load_checkpoint(model_path, device=device)
     name = ckpt.path.name if not ckpt.path.name.startswith("step_") else ckpt.path.parent.parent.name
-    app = build_app(ckpt.model, ckpt.tokenizer, name, api_key, max_batch, max_queue, max_context)
-    print(f"nomoat: serving {name!r} on http://{host}:{port}/ (chat page) and /v1", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    app = build_app(ckpt.model, ckpt.tokenizer, name, cfg)
+    print(f"nomoat: serving {name!r} on http://{cfg.host}:{cfg.port}/ (chat page) and /v1", file=sys.stderr)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
 
 
 @contextmanager

@@ -2,8 +2,9 @@
 
 Sequences join the running batch at step boundaries (their prompts prefilled together, right-padded) and leave
 the moment they finish or are cancelled, so a short answer never waits for a long one. Each row of one shared
-KV cache is a slot with its own position (`KVCache.pos` of shape (B,)). Text, stop strings and EOS are handled
-here; HTTP, JSON and the OpenAI formats are not (app.py).
+KV cache is a slot with its own position (`KVCache.pos` of shape (B,)). Tokens become text, cut at stop strings,
+through the tokenizer's DecodeStream and StopStream, and EOS ends a sequence; HTTP, JSON and the OpenAI formats are
+not here (app.py, protocol.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from nomoat.generate import GREEDY_BELOW, sample_next
 from nomoat.model import KVCache, Transformer
 from nomoat.serve.metrics import Metrics
-from nomoat.tokenizer import DecodeStream, Tokenizer
+from nomoat.tokenizer import DecodeStream, StopStream, Tokenizer
 
 # A nucleus this small holds only the most likely token (and one below float32's range would hold none).
 MIN_TOP_P = 1e-6
@@ -66,12 +67,10 @@ class Generation:
     generated: int = 0
     cancelled: bool = False
     decoder: DecodeStream | None = None
-    pending: str = ""  # decoded text held back because it may be the start of a stop string
+    stops: StopStream = field(init=False)  # holds back decoded text that may be the start of a stop string
 
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """How many characters at the end of text could be the beginning of a stop string."""
-    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
+    def __post_init__(self) -> None:
+        self.stops = StopStream(self.params.stop)
 
 
 class Engine:
@@ -260,35 +259,30 @@ class Engine:
             seq.generated += 1
             seq.last = token
             assert seq.decoder is not None
-            if self._push_text(seq, seq.decoder.push(token)):
+            if self._emit_text(seq, seq.decoder.push(token)):
                 continue
             if seq.generated >= p.max_tokens or seq.pos + 1 >= self.max_len:  # prompt + output fill the context
                 self._finish(seq, "length")
 
-    def _push_text(self, seq: Generation, piece: str) -> bool:
-        """Emit what text is safe to show; True when a stop string was reached (the sequence is then finished)."""
-        if not piece:
-            return False
-        text = seq.pending + piece
-        hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
-        if hits:
-            seq.pending = ""
-            seq.emit(Event(text[: min(hits)], "stop"))
+    def _emit_text(self, seq: Generation, piece: str) -> bool:
+        """Emit what of piece is safe to show; True when a stop string was reached (the sequence is then finished,
+        its last event the text before the stop)."""
+        text = seq.stops.push(piece)
+        if seq.stops.stopped:
+            seq.emit(Event(text, "stop"))
             self._release(seq)
             return True
-        keep = _held_back(text, seq.params.stop)
-        seq.pending = text[len(text) - keep :]
-        if len(text) > keep:
-            seq.emit(Event(text[: len(text) - keep]))
+        if text:
+            seq.emit(Event(text))
         return False
 
     def _finish(self, seq: Generation, reason: str) -> None:
         """Flush held-back text (it may still complete a stop string) and send the last event."""
         if seq.cancelled or self.slots[seq.slot] is not seq:
             return
-        if reason != "error" and seq.decoder is not None and self._push_text(seq, seq.decoder.flush()):
+        if reason != "error" and seq.decoder is not None and self._emit_text(seq, seq.decoder.flush()):
             return
-        seq.emit(Event(seq.pending, reason))
+        seq.emit(Event(seq.stops.flush(), reason))
         self._release(seq)
 
     def _release(self, seq: Generation) -> None:
