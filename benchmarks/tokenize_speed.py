@@ -25,7 +25,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from nomoat.data.build import BATCH_CHARS, _chunking_is_exact, _chunks, _pieces, build_shards, read_documents
+from nomoat.data import build_shards, read_documents
+from nomoat.data.encode import BATCH_CHARS, _chunking_is_exact, _chunks
+from nomoat.data.encode import batch_pieces as _pieces
 from nomoat.tokenizer import Tokenizer, train_tokenizer
 
 SHAKESPEARE = Path(__file__).resolve().parent.parent / "nomoat" / "assets" / "tinyshakespeare.txt"

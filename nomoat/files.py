@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +107,11 @@ def read_json(path: str | Path, missing: str = "no such file") -> Any:
 
 
 def read_records(
-    path: str | Path, lines: Iterable[bytes] | None = None, bad_lines: BadLines | None = None
+    path: str | Path, lines: Iterable[bytes] | None = None, bad_lines: Callable[[str], None] | None = None
 ) -> Iterator[tuple[str, Any]]:
     """(where, record) for each JSON line of a file (`where` is `file:line`), or for each item of a `.json`
     array (`file[i]`). Blank lines are skipped; a file with NUL bytes or bad UTF-8 is binary, never a record
-    file. A line that is not JSON stops the read (strict), or, given `bad_lines`, is counted and skipped.
+    file. A line that is not JSON stops the read (strict), or is passed to `bad_lines` (a BadLines, say) and skipped.
 
     `lines` are the file's raw lines when the caller has opened it (a decompressed stream, say)."""
     path = Path(path)

@@ -33,7 +33,7 @@ def train_tokenizer(
     if vocab_size < 256 + len(special_tokens):
         raise UserError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least 256 + specials")
     hf = tokenizers.Tokenizer(models.BPE())
-    # No prefix space: the text round-trips exactly, and "\n" stays a pre-token boundary (see data/build.py).
+    # No prefix space: the text round-trips exactly, and "\n" stays a pre-token boundary (see data/encode.py).
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

@@ -14,9 +14,9 @@ import zstandard
 from nomoat.data import (
     ShardSet,
     TokenLoader,
-    build,
     build_shards,
     check_tokenizer_matches,
+    encode,
     iter_eval_batches,
     load_manifest,
     read_documents,
@@ -107,10 +107,10 @@ def test_read_errors(tmp_path: Path) -> None:
 
 def test_chunked_encoding_equals_whole(tok: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
     text = SHAKESPEARE.read_text()
-    monkeypatch.setattr(build, "CHUNK_CHARS", 20_000)
-    pieces = build._chunks(text)
+    monkeypatch.setattr(encode, "CHUNK_CHARS", 20_000)
+    pieces = encode._chunks(text)
     assert len(pieces) > 20 and "".join(pieces) == text
-    assert build._chunking_is_exact(tok)
+    assert encode._chunking_is_exact(tok)
     assert sum(tok.encode_batch(pieces), []) == tok.encode(text)
 
 
@@ -120,7 +120,7 @@ def test_chunking_disabled_when_not_exact() -> None:
     hf.add_special_tokens(["</s>"])
     hf.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
     hf.train_from_iterator([TEXT], tokenizers.trainers.BpeTrainer(vocab_size=300, show_progress=False))
-    assert not build._chunking_is_exact(Tokenizer(hf))
+    assert not encode._chunking_is_exact(Tokenizer(hf))
 
 
 def test_joined_documents_encode_as_separate_ones(tok: Tokenizer, tmp_path: Path, monkeypatch) -> None:
@@ -128,9 +128,9 @@ def test_joined_documents_encode_as_separate_ones(tok: Tokenizer, tmp_path: Path
     # those of one input per document. Documents start and end in whitespace, and some hold EOS's text.
     docs = [f"  {d}\n\n" if k % 3 else f"{d} <|endoftext|> x" for k, d in enumerate(DOCS)]
     jsonl = write_jsonl(tmp_path / "docs.jsonl", docs)
-    assert build._joining_is_exact(tok)
+    assert encode._joining_is_exact(tok)
     build_shards([jsonl], tok, tmp_path / "joined", val_fraction=0.2, shard_tokens=3000, progress=False)
-    monkeypatch.setattr(build, "_joining_is_exact", lambda tok: False)
+    monkeypatch.setattr(encode, "_joining_is_exact", lambda tok: False)
     build_shards([jsonl], tok, tmp_path / "apart", val_fraction=0.2, shard_tokens=3000, progress=False)
     assert file_hashes(tmp_path / "joined") == file_hashes(tmp_path / "apart")
 
@@ -140,12 +140,12 @@ def test_joining_disabled_when_eos_strips_whitespace() -> None:
     hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.add_special_tokens([tokenizers.AddedToken("<|endoftext|>", lstrip=True, rstrip=True)])
     hf.train_from_iterator([TEXT], tokenizers.trainers.BpeTrainer(vocab_size=300, show_progress=False))
-    assert not build._joining_is_exact(Tokenizer(hf))
+    assert not encode._joining_is_exact(Tokenizer(hf))
 
 
 def test_build_single_txt_matches_whole_encoding(tok: Tokenizer, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(build, "CHUNK_CHARS", 5000)  # many chunks, some shard cuts inside them
-    monkeypatch.setattr(build, "BATCH_CHARS", 12_000)  # a document spans several encode batches
+    monkeypatch.setattr(encode, "CHUNK_CHARS", 5000)  # many chunks, some shard cuts inside them
+    monkeypatch.setattr(encode, "BATCH_CHARS", 12_000)  # a document spans several encode batches
     txt = tmp_path / "a.txt"
     txt.write_text(TEXT)
     m = build_shards([txt], tok, tmp_path / "o", val_fraction=0, shard_tokens=7000, progress=False)
@@ -158,7 +158,7 @@ def test_batching_does_not_change_shards(tok: Tokenizer, tmp_path: Path, monkeyp
     # Batches encode in a worker thread while the next is read: the output must not depend on where they cut.
     jsonl = write_jsonl(tmp_path / "docs.jsonl", DOCS)
     build_shards([jsonl], tok, tmp_path / "whole", val_fraction=0.1, shard_tokens=3000, progress=False)
-    monkeypatch.setattr(build, "BATCH_CHARS", 3000)
+    monkeypatch.setattr(encode, "BATCH_CHARS", 3000)
     build_shards([jsonl], tok, tmp_path / "batched", val_fraction=0.1, shard_tokens=3000, progress=False)
     assert file_hashes(tmp_path / "whole") == file_hashes(tmp_path / "batched")
 
@@ -228,13 +228,13 @@ def test_bad_json_lines_are_skipped_and_counted_unless_strict(
     good = write_jsonl(tmp_path / "good.jsonl", DOCS[:3])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(good.read_text().replace("\n", '\n{"text": oops}\n', 1))
-    with pytest.raises(UserError, match=r"bad.jsonl:2: not a JSON line"):
+    with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):
         build_shards([bad], tok, tmp_path / "strict", val_fraction=0, progress=False, strict=True)
     assert not (tmp_path / "strict").exists()
 
     m = build_shards([bad], tok, tmp_path / "out", val_fraction=0, progress=False)
     (warning,) = capsys.readouterr().err.splitlines()
-    assert warning.startswith(f"warning: {bad}:2: not a JSON line (") and warning.endswith("; skipped")
+    assert warning.startswith(f"warning: {bad}:2: not valid JSON (") and warning.endswith("; skipped")
     assert m["inputs"][0]["bad_lines"] == 1 and m["inputs"][0]["documents"] == 3
     clean = build_shards([good], tok, tmp_path / "clean", val_fraction=0, progress=False)
     assert clean["inputs"][0]["bad_lines"] == 0

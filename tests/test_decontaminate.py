@@ -63,7 +63,7 @@ def test_load_eval_files_errors(tmp_path):
         load_eval_files([tmp_path / "missing.txt"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": oops}\n')
-    with pytest.raises(UserError, match=re.escape(f"{bad}:2: bad JSON")):
+    with pytest.raises(UserError, match=re.escape(f"{bad}:2: not valid JSON")):
         load_eval_files([bad])
     csv = tmp_path / "items.csv"
     csv.write_text("a,b\n")

@@ -9,7 +9,7 @@ import tomli_w
 from conftest import SHAKESPEARE, tiny_run
 
 from nomoat.config import replace
-from nomoat.data.recipe import build_corpus
+from nomoat.data import build_corpus
 from nomoat.lineage import format_lineage, lineage
 from nomoat.tokenizer import train_tokenizer
 from nomoat.train import train

@@ -12,8 +12,8 @@ import pytest
 from test_recipe import CHUNKS, file_hashes, root, write_recipe  # noqa: F401 (root is a fixture)
 
 from nomoat.cli import main
-from nomoat.data import build, ray_engine
-from nomoat.data.recipe import Preparer, build_corpus, load_recipe
+from nomoat.data import build_corpus, encode, load_recipe, ray_engine
+from nomoat.data.stages import Preparer
 from nomoat.errors import UserError
 from nomoat.tokenizer import Tokenizer
 
@@ -55,17 +55,17 @@ def test_ray_strict_bad_line_and_cli(
     recipe = write_recipe(root, "ray_bad.toml", corpus=corpus, source=[{"name": "bad", "path": "bad.jsonl"}])
     calls = []
     monkeypatch.setattr(ray_engine, "_stages", lambda *a: calls.append(1) or real_stages(*a))
-    with pytest.raises(UserError, match=r"bad.jsonl:2: not a JSON line"):  # raised in a reading task
+    with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):  # raised in a reading task
         build_corpus(recipe, root / "ray_strict", progress=False, strict=True)
     assert calls == [1] and not (root / "ray_strict").exists()  # corpus.engine chose Ray
     assert main(["data", "build", str(recipe), "--out", str(root / "ray_cli"), "--engine", "ray", "--json"]) == 0
-    assert f"{root / 'bad.jsonl'}:2: not a JSON line" in capsys.readouterr().err
+    assert f"{root / 'bad.jsonl'}:2: not valid JSON" in capsys.readouterr().err
     assert json.loads((root / "ray_cli" / "datasheet.json").read_text())["sources"][0]["bad_lines"] == 1
 
 
 def test_actor_encodes_in_the_local_engines_batches(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     # In-process, no Ray: a batch of kept documents longer than an encode batch comes back as several, in order.
-    monkeypatch.setattr(build, "BATCH_CHARS", 4000)
+    monkeypatch.setattr(encode, "BATCH_CHARS", 4000)
     monkeypatch.setattr(ray_engine, "BATCH_CHARS", 4000)
     tok = Tokenizer.load(root / "tokenizer.json")
     worker = ray_engine._Worker(Preparer(load_recipe(write_recipe(root)), None), tok, 0.0)

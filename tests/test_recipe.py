@@ -11,9 +11,8 @@ import tomli_w
 import zstandard
 
 from nomoat.cli import main
-from nomoat.data import load_manifest
-from nomoat.data.build import read_records
-from nomoat.data.recipe import build_corpus, load_recipe
+from nomoat.data import build_corpus, load_manifest, load_recipe
+from nomoat.data.formats import read_corpus_file
 from nomoat.errors import UserError
 from nomoat.tokenizer import train_tokenizer
 
@@ -172,12 +171,12 @@ def test_bad_json_lines_are_counted_unless_strict(root: Path, capsys: pytest.Cap
     lines = [json.dumps({"text": c}) for c in CHUNKS[45:48]]
     (root / "broken.jsonl").write_text("\n".join([lines[0], '{"text": "cut off', *lines[1:]]) + "\n")
     recipe = write_recipe(root, "broken.toml", source=[{"name": "broken", "path": "broken.jsonl", "weight": 1}])
-    with pytest.raises(UserError, match=r"broken.jsonl:2: not a JSON line"):
+    with pytest.raises(UserError, match=r"broken.jsonl:2: not valid JSON"):
         build_corpus(recipe, root / "broken_strict", progress=False, strict=True)
     capsys.readouterr()
     (source,) = build_corpus(recipe, root / "broken", progress=False)["sources"]
     assert source["bad_lines"] == 1 and source["documents_out"] == 3
-    assert f"{root / 'broken.jsonl'}:2: not a JSON line" in capsys.readouterr().err
+    assert f"{root / 'broken.jsonl'}:2: not valid JSON" in capsys.readouterr().err
     assert "did not parse, skipped: 1" in (root / "broken" / "datasheet.md").read_text()
 
 
@@ -208,7 +207,7 @@ def test_parquet_and_ray_need_their_extras(root: Path, monkeypatch: pytest.Monke
     (root / "a.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails as if pyarrow were not installed
     with pytest.raises(UserError, match=r"a.parquet: reading parquet needs pyarrow; pip install 'nomoat\[parquet\]'"):
-        list(read_records(root / "a.parquet"))
+        list(read_corpus_file(root / "a.parquet"))
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(UserError, match=r"--engine ray needs Ray; pip install 'nomoat\[ray\]'"):
         build_corpus(write_recipe(root, "noray.toml"), root / "noray", progress=False, engine="ray")
@@ -218,9 +217,9 @@ def test_parquet_and_ray_need_their_extras(root: Path, monkeypatch: pytest.Monke
 def test_jsonl_gz_and_text_field(tmp_path: Path) -> None:
     path = tmp_path / "a.jsonl.gz"
     path.write_bytes(gzip.compress(b'{"body": "hello", "id": 1}\n'))
-    assert [r for r, _ in read_records(path, text_field="body")] == [{"body": "hello", "id": 1}]
+    assert [r for r, _ in read_corpus_file(path, text_field="body")] == [{"body": "hello", "id": 1}]
     with pytest.raises(UserError, match='a.jsonl.gz:1: expected an object with a string "text"'):
-        list(read_records(path))
+        list(read_corpus_file(path))
 
 
 def test_cli_bad_recipe_is_one_line(root: Path, capsys: pytest.CaptureFixture) -> None:

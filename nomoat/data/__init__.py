@@ -1,9 +1,12 @@
-"""Data: corpus files to token shards (build.py), recipes of cleaned, deduplicated, weighted sources to shards
-(recipe.py), and shards to training and eval batches (loader.py)."""
+"""Data: corpus files read (formats.py), tokenized (encode.py) and written as token shards (shards.py); recipes of
+cleaned, deduplicated, weighted sources (recipe.py, stages.py) built into shards (corpus.py, ray_engine.py) with
+a datasheet (datasheet.py); and shards to training and eval batches (loader.py)."""
 
-from nomoat.data.build import build_shards, check_tokenizer_matches, load_manifest, read_documents
+from nomoat.data.corpus import build_corpus
+from nomoat.data.formats import read_documents
 from nomoat.data.loader import ShardSet, TokenLoader, iter_eval_batches
-from nomoat.data.recipe import build_corpus, load_recipe
+from nomoat.data.recipe import load_recipe
+from nomoat.data.shards import build_shards, check_tokenizer_matches, load_manifest
 
 __all__ = [
     "ShardSet",

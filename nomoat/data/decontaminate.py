@@ -9,13 +9,13 @@ and removal of only the overlapping span (a contaminated document is dropped who
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from nomoat.errors import UserError
+from nomoat.files import read_records
 
 _PUNCT = re.compile(r"[^\w\s]|_")
 
@@ -98,16 +98,11 @@ def load_eval_files(paths: Sequence[str | Path], field: str = "text") -> dict[st
             paragraphs = (p.strip() for p in re.split(r"\n\s*\n", text))
             items.update((f"{path}:{k}", p) for k, p in enumerate(filter(None, paragraphs), 1))
         elif path.suffix == ".jsonl":
-            for k, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{k}: bad JSON: {e.msg}") from None
+            # The text is read already, so that a missing or non-UTF-8 file is named as an eval file.
+            for where, record in read_records(path, lines=text.encode().splitlines()):
                 if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                    raise UserError(f"{path}:{k}: no string field {field!r}")
-                items[f"{path}:{k}"] = record[field]
+                    raise UserError(f"{where}: no string field {field!r}")
+                items[where] = record[field]
         else:
             raise UserError(f"{path}: eval files must be .txt or .jsonl")
     return items

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nomoat.data.build import file_sha256, load_manifest
+from nomoat.data.shards import load_manifest
 from nomoat.errors import UserError
+from nomoat.files import file_sha256
 
 
 class ShardSet:

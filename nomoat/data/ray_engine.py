@@ -1,11 +1,11 @@
-"""Corpus recipes on Ray: recipe.py's stages as Ray tasks and actors, on a cluster or a Ray started in-process.
+"""Corpus recipes on Ray: stages.py's stages as Ray tasks and actors, on a cluster or a Ray started in-process.
 
 Tasks read files (a streaming generator per file); actors run the per-document stages (clean, filter, MinHash
 fingerprints, contamination) and tokenize; this process makes the order-dependent decisions (keep-first dedup,
 counts) on fingerprints alone and writes the shards, so the output is byte-identical to the local engine's.
 Texts go from reader to actor to actor through Ray's object store, never through this process.
-Not here: the stages themselves (recipe.py, dedup.py, build.py), cluster setup, and ray.data, whose readers
-neither count bad JSON lines nor refuse binary files as build.read_records does.
+Not here: the stages themselves (stages.py, dedup.py, encode.py), cluster setup, and ray.data, whose readers
+neither count bad JSON lines nor refuse binary files as formats.read_corpus_file does.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from nomoat.data.build import BATCH_CHARS, Encoded, _pieces, shard_dtype
-from nomoat.data.recipe import BATCH_DOCS, Plan, Prepared, Preparer, RawBatch, Source, keep, read_batches
+from nomoat.data.encode import BATCH_CHARS, Encoded, batch_pieces, shard_dtype
+from nomoat.data.recipe import Source
+from nomoat.data.stages import BATCH_DOCS, Plan, Prepared, Preparer, RawBatch, keep, read_batches
 from nomoat.errors import UserError
 from nomoat.tokenizer import Tokenizer
 
@@ -57,9 +58,9 @@ class _Worker:
 
     def encode(self, passed: list[str], source: int, kept: list[tuple[int, int]]) -> list[Encoded]:
         """Tokens of the kept documents, each repeated `copies` times, in order, in encode batches as the local
-        engine cuts them (build._pieces)."""
+        engine cuts them (encode.batch_pieces)."""
         docs = ((source, passed[k]) for k, copies in kept for _ in range(copies))
-        pieces = _pieces(docs, self.tokenizer, None, self.val_fraction, BATCH_CHARS)
+        pieces = batch_pieces(docs, self.tokenizer, None, self.val_fraction, BATCH_CHARS)
         return [batch.encode(self.tokenizer, self.dtype) for batch in pieces]
 
 

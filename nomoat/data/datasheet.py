@@ -1,0 +1,105 @@
+"""The datasheet of a built recipe: datasheet.json (every source's counts in and out, drops by reason, input
+hashes), datasheet.md (the same for a reader) and mixture.png (each source's share of tokens).
+
+Not here: counting (stages.py counts into the per-source reports while the corpus is built, corpus.py calls
+`write_datasheet` with them), and anything about the shards beyond their manifest's totals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+from nomoat.data.recipe import Recipe
+
+_MD_FILES = 20  # input files listed per source in datasheet.md; datasheet.json lists them all
+
+
+def write_datasheet(
+    folder: Path, recipe: Recipe, recipe_path: Path, reports: list[dict], manifest: dict, fingerprint: str
+) -> None:
+    """datasheet.json, datasheet.md and mixture.png in `folder`, from the sources' reports and the manifest."""
+    sheet = datasheet(recipe, recipe_path, reports, manifest, fingerprint)
+    (folder / "datasheet.json").write_text(json.dumps(sheet, indent=2, sort_keys=True) + "\n")
+    (folder / "datasheet.md").write_text(markdown(sheet))
+    plot_mixture(sheet, folder / "mixture.png")
+
+
+def drop_summary(report: dict) -> str:
+    drops = Counter(report["filter_drops"])
+    for key in ("meta_filtered", "exact_duplicates", "near_duplicates", "contaminated"):
+        drops[key] = report[key]
+    shown = ", ".join(f"{k} {v}" for k, v in sorted(drops.items()) if v)
+    return f"{report['documents_in']} documents in, dropped: {shown or 'none'}"
+
+
+def datasheet(recipe: Recipe, recipe_path: Path, reports: list[dict], manifest: dict, fingerprint: str) -> dict:
+    total_tokens = sum(s["tokens"] for s in manifest["inputs"]) or 1
+    sources = []
+    for report, out in zip(reports, manifest["inputs"], strict=True):
+        sources.append(
+            {
+                **report,
+                "filter_drops": dict(sorted(report["filter_drops"].items())),
+                "contaminated_by": dict(sorted(report["contaminated_by"].items())),
+                "documents_out": out["documents"],
+                "bytes_out": out["bytes"],
+                "tokens_out": out["tokens"],
+                "token_share": round(out["tokens"] / total_tokens, 6),
+            }
+        )
+    return {
+        "recipe_sha256": hashlib.sha256(recipe_path.read_bytes()).hexdigest(),
+        "fingerprint": fingerprint,
+        "tokenizer_sha256": manifest["tokenizer_sha256"],
+        "clean": dataclasses.asdict(recipe.clean) | {"strip_gutenberg": recipe.strip_gutenberg},
+        "dedup": None if recipe.dedup is None else dataclasses.asdict(recipe.dedup),
+        "decontaminate": None if recipe.decontaminate is None else dataclasses.asdict(recipe.decontaminate),
+        "sources": sources,
+        "splits": {name: {k: s[k] for k in ("documents", "tokens", "bytes")} for name, s in manifest["splits"].items()},
+    }
+
+
+def markdown(sheet: dict) -> str:
+    lines = [
+        "# Datasheet",
+        "",
+        f"Recipe sha256 `{sheet['recipe_sha256']}`, tokenizer sha256 `{sheet['tokenizer_sha256']}`.",
+        "",
+        "| source | weight | docs in | docs out | bytes in | bytes out | tokens out | share | license |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for s in sheet["sources"]:
+        lines.append(
+            f"| {s['name']} | {s['weight']:g} | {s['documents_in']:,} | {s['documents_out']:,} | {s['bytes_in']:,} "
+            f"| {s['bytes_out']:,} | {s['tokens_out']:,} | {s['token_share']:.1%} | {s['license'] or '?'} |"
+        )
+    for s in sheet["sources"]:
+        lines += ["", f"## {s['name']}", "", f"- path: `{s['path']}`" + (f", from {s['url']}" if s["url"] else "")]
+        lines.append(f"- dropped: {drop_summary(s).partition('dropped: ')[2]}")
+        if s["bad_lines"]:
+            lines.append(f"- JSON lines that did not parse, skipped: {s['bad_lines']:,}")
+        if s["contaminated_by"]:
+            lines.append(f"- eval items matched: {', '.join(f'{k} ({v})' for k, v in s['contaminated_by'].items())}")
+        lines.append(f"- {len(s['files'])} input files (sha256):")
+        lines += [f"  - `{f['sha256']}` {f['path']}" for f in s["files"][:_MD_FILES]]
+        if len(s["files"]) > _MD_FILES:
+            lines.append(f"  - and {len(s['files']) - _MD_FILES:,} more, listed in datasheet.json")
+    return "\n".join(lines) + "\n"
+
+
+def plot_mixture(sheet: dict, path: Path) -> None:
+    # A bare Figure draws with Agg and leaves pyplot's global backend and figure list alone.
+    from matplotlib.figure import Figure
+
+    names = [s["name"] for s in sheet["sources"]]
+    fig = Figure(figsize=(6, 1.2 + 0.4 * len(names)))
+    ax = fig.subplots()
+    ax.barh(names[::-1], [100 * s["token_share"] for s in sheet["sources"]][::-1])
+    ax.set_xlabel("share of tokens (%)")
+    ax.set_title("corpus mixture")
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})  # no version string in the file
