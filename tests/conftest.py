@@ -58,3 +58,20 @@ def tiny_run(shards: tuple[Path, Path], out_dir: Path, **train: object) -> RunCo
         data=DataConfig(shards=str(shards[0]), tokenizer=str(shards[1])),
         train=TrainConfig(**defaults),  # type: ignore[arg-type]
     )
+
+
+@pytest.fixture(scope="session")
+def llamacpp() -> Path:
+    """The folder of llama.cpp's binaries, built from source once into a cache (scripts/llamacpp.sh). CI builds
+    it before the tests, so there a missing build is an error; elsewhere the tests that need it are skipped."""
+    import os
+    import subprocess
+
+    script = Path(__file__).parents[1] / "scripts/llamacpp.sh"
+    if os.environ.get("CI") != "true" and os.environ.get("NOMOAT_LLAMACPP") != "1":
+        found = subprocess.run(["bash", str(script), "--built"], capture_output=True, text=True)
+        if found.returncode != 0:
+            pytest.skip("llama.cpp is not built here: run scripts/llamacpp.sh (about 10 minutes, once)")
+        return Path(found.stdout.strip())
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True)
+    return Path(done.stdout.strip())
