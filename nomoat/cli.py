@@ -286,6 +286,20 @@ def cmd_convert_to_hf(args: argparse.Namespace) -> None:
     print(f"wrote Hugging Face folder {out}", file=sys.stderr)
 
 
+def cmd_convert_to_gguf(args: argparse.Namespace) -> None:
+    from nomoat.convert.gguf_write import to_gguf
+    from nomoat.lineage import lineage
+
+    out = to_gguf(_load(args), args.out, qtype=args.type, lineage=lineage(args.model))
+    print(f"wrote GGUF file {out} ({args.type})", file=sys.stderr)
+
+
+def cmd_convert_from_gguf(args: argparse.Namespace) -> None:
+    from nomoat.convert.gguf_read import from_gguf
+
+    print(f"wrote nomoat checkpoint {from_gguf(args.gguf_file, args.out)}", file=sys.stderr)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from nomoat.lineage import format_lineage, lineage
 
@@ -447,7 +461,7 @@ def _add_eval_command(add: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def _add_model_file_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
-    convert = sub.add_parser("convert", help="convert between nomoat and Hugging Face checkpoints")
+    convert = sub.add_parser("convert", help="convert between nomoat, Hugging Face and GGUF models")
     convert = convert.add_subparsers(dest="action", required=True)
     p = add("from-hf", "turn a Hugging Face model folder into a nomoat checkpoint", convert)
     p.add_argument("hf_dir", help="folder with config.json, *.safetensors and tokenizer.json")
@@ -462,6 +476,15 @@ def _add_model_file_commands(sub: Any, add: Callable[..., argparse.ArgumentParse
     p.add_argument("out", help="folder to write")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights; default: as stored")
     p.set_defaults(func=cmd_convert_to_hf)
+    p = add("to-gguf", "write a model as one GGUF file for llama.cpp, Ollama and LM Studio", convert)
+    _model_args(p, device=False)
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--type", default="f32", choices=["f32", "f16", "bf16", "q8_0", "q4_0"], help="weight type")
+    p.set_defaults(func=cmd_convert_to_gguf)
+    p = add("from-gguf", "turn a GGUF file into a nomoat checkpoint (weights dequantized to fp32)", convert)
+    p.add_argument("gguf_file", help="a .gguf file of a llama, qwen2, gpt2 or gptneox model")
+    p.add_argument("out", help="checkpoint folder to write")
+    p.set_defaults(func=cmd_convert_from_gguf)
 
     p = add("info", "a model's lineage: size, tokenizer, base model, data sources with licences and hashes")
     p.add_argument("model", help="checkpoint folder, run folder or Hugging Face folder")

@@ -1,5 +1,5 @@
-"""Ground-floor file helpers that every layer shares: finished folders published atomically, file hashes, and
-one reader of JSON records with one wording for a bad line.
+"""Ground-floor file helpers that every layer shares: finished folders and files published atomically, file
+hashes, and one reader of JSON records with one wording for a bad line.
 
 Here so that no layer borrows them from another (the data layer from the checkpoint layer, say). Not here:
 what goes inside those files (checkpoint.py, data/shards.py, convert/) or reading compressed corpora
@@ -64,6 +64,20 @@ def atomic_folder(out: str | Path) -> Iterator[Path]:
         replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(out: str | Path) -> Iterator[Path]:
+    """A temporary path beside `out` that replaces it once the block ends cleanly (the caller fsyncs it), and
+    is removed if the block raises, so `out` is only ever absent, the old file or the whole new one."""
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class BadLines:

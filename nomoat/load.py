@@ -1,8 +1,8 @@
 """The one model loader: whatever a user holds, as a Checkpoint (path, config, model, tokenizer) ready to run.
 
-`load_model` recognises, by its files, a nomoat checkpoint or run folder, a Hugging Face folder and a LoRA
-fine-tuning checkpoint (whose base its config names), and applies an adapter given separately (ours or one
-PEFT made), merged into the weights. Every command that takes a MODEL comes here, so a format or option added
+`load_model` recognises, by its files, a nomoat checkpoint or run folder, a Hugging Face folder, a GGUF file
+and a LoRA fine-tuning checkpoint (whose base its config names), and applies an adapter given separately (ours
+or one PEFT made), merged into the weights. Every command that takes a MODEL comes here, so a format or option added
 here reaches them all. Not here: writing any format (checkpoint.py, convert/) or training (finetune.py).
 """
 
@@ -22,13 +22,15 @@ from nomoat.lora import ADAPTER_CONFIG, load_adapter, merge_lora
 from nomoat.quant import dequantize_model, quantize_model
 from nomoat.tokenizer import Tokenizer
 
-Kind = Literal["hf", "adapter", "nomoat"]
+Kind = Literal["hf", "gguf", "adapter", "nomoat"]
 
 
 def model_kind(path: str | Path) -> Kind:
-    """What a MODEL path holds, from its files alone: a Hugging Face folder (config.json, no config.toml), an
-    adapter folder (adapter_config.json), or a nomoat checkpoint or run folder."""
+    """What a MODEL path holds, from its files alone: a GGUF file, a Hugging Face folder (config.json, no
+    config.toml), an adapter folder (adapter_config.json), or a nomoat checkpoint or run folder."""
     path = Path(path)
+    if path.suffix == ".gguf" and not path.is_dir():
+        return "gguf"
     if (path / "config.json").is_file() and not (path / "config.toml").is_file():
         return "hf"
     if (path / ADAPTER_CONFIG).is_file():
@@ -38,6 +40,8 @@ def model_kind(path: str | Path) -> Kind:
 
 def model_folder(path: str | Path) -> Path:
     """The folder a MODEL path stands for: itself, or a run folder's newest checkpoint."""
+    if model_kind(path) == "gguf" and not Path(path).is_file():
+        raise UserError(f"{path}: no such GGUF file")
     return Path(path) if model_kind(path) != "nomoat" else resolve_checkpoint(path)
 
 
@@ -52,6 +56,10 @@ def tuned_config(folder: Path) -> RunConfig | None:
 def _load_base(path: str | Path, device: str | torch.device, trainer_state: bool) -> Checkpoint:
     if model_kind(path) == "hf":
         return load_hf(path, device=device)
+    if model_kind(path) == "gguf":
+        from nomoat.convert.gguf_read import load_gguf  # the gguf package loads only for GGUF files
+
+        return load_gguf(path, device=device)
     return load_checkpoint(path, device=device, trainer_state=trainer_state)
 
 

@@ -285,6 +285,15 @@ def _load_tokenizer(folder: Path) -> Tokenizer:
     return Tokenizer.load(folder / "tokenizer.json")
 
 
+def hf_layout(ckpt: Checkpoint) -> tuple[str, dict[str, Any]]:
+    """(Hugging Face class, config.json) that ckpt exports as, built on the original config.json where the
+    checkpoint kept one (so that fields nomoat does not model survive)."""
+    base_file = ckpt.path / (HF_CONFIG if (ckpt.path / HF_CONFIG).is_file() else "config.json")
+    base = read_json(base_file) if base_file.is_file() else {}
+    arch = (base.get("architectures") or [architecture_of(ckpt.cfg.model)])[0]
+    return arch, config_to_hf(ckpt.cfg.model, arch, base)
+
+
 def copy_side_files(src: Path, dst: Path) -> list[Path]:
     """The Hugging Face side files of src copied into dst under the names a nomoat checkpoint keeps them by
     (its original config.json as hf_config.json), so that a model exports back to the layout it came in."""
@@ -311,14 +320,11 @@ def to_hf(
     ckpt: Checkpoint, out: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30
 ) -> Path:
     """Write a folder that transformers' AutoModelForCausalLM.from_pretrained loads with no missing keys."""
-    base_file = ckpt.path / (HF_CONFIG if (ckpt.path / HF_CONFIG).is_file() else "config.json")
-    base = json.loads(base_file.read_text()) if base_file.is_file() else {}
-    arch = (base.get("architectures") or [architecture_of(ckpt.cfg.model)])[0]
+    arch, hf = hf_layout(ckpt)
     state = {k: v.detach().cpu() for k, v in ckpt.model.state_dict().items()}
     state = weights_to_hf(arch, ckpt.cfg.model, state)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    hf = config_to_hf(ckpt.cfg.model, arch, base)
     hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     if ckpt.tokenizer.eos_id is not None:
         hf.setdefault("eos_token_id", ckpt.tokenizer.eos_id)
