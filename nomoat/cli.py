@@ -287,9 +287,15 @@ def cmd_convert_to_hf(args: argparse.Namespace) -> None:
 
 
 def cmd_convert_to_gguf(args: argparse.Namespace) -> None:
-    from nomoat.convert.gguf_write import to_gguf
+    from nomoat.convert.gguf_write import adapter_to_gguf, to_gguf
     from nomoat.lineage import lineage
 
+    if args.adapter_only:
+        from nomoat.load import model_folder
+
+        out = adapter_to_gguf(Path(args.adapter) if args.adapter else model_folder(args.model), args.out)
+        print(f"wrote LoRA adapter GGUF {out}: load it with llama.cpp's --lora over the base's GGUF", file=sys.stderr)
+        return
     out = to_gguf(_load(args), args.out, qtype=args.type, lineage=lineage(args.model))
     print(f"wrote GGUF file {out} ({args.type})", file=sys.stderr)
 
@@ -480,6 +486,7 @@ def _add_model_file_commands(sub: Any, add: Callable[..., argparse.ArgumentParse
     _model_args(p, device=False)
     p.add_argument("out", help="the .gguf file to write")
     p.add_argument("--type", default="f32", choices=["f32", "f16", "bf16", "q8_0", "q4_0"], help="weight type")
+    p.add_argument("--adapter-only", action="store_true", help="write the LoRA adapter of a fine-tuning run only")
     p.set_defaults(func=cmd_convert_to_gguf)
     p = add("from-gguf", "turn a GGUF file into a nomoat checkpoint (weights dequantized to fp32)", convert)
     p.add_argument("gguf_file", help="a .gguf file of a llama, qwen2, gpt2 or gptneox model")

@@ -21,6 +21,8 @@ from nomoat.tokenizer import Tokenizer
 def lineage(path: str | Path) -> dict[str, Any]:
     """Everything a checkpoint records about its origin, as plain JSON-able values."""
     folder = model_folder(path)
+    if model_kind(folder) == "gguf":
+        return _gguf_lineage(folder)
     if model_kind(folder) == "hf":  # a Hugging Face folder: its lineage is the folder itself
         hf = json.loads((folder / "config.json").read_text())
         return {"path": str(folder), "model": {"architecture": hf.get("architectures", ["?"])[0]}, "base": str(folder)}
@@ -70,6 +72,16 @@ def lineage(path: str | Path) -> dict[str, Any]:
     return out
 
 
+def _gguf_lineage(path: Path) -> dict[str, Any]:
+    """A GGUF file's architecture, and the lineage nomoat wrote into it when nomoat exported it."""
+    from nomoat.convert.gguf_read import read_metadata
+
+    meta = read_metadata(path)
+    recorded = json.loads(meta.get("nomoat.lineage") or "{}")
+    out = {"path": str(path), "model": {"architecture": f"GGUF {meta.get('general.architecture', '?')}"}}
+    return out | {"base": recorded.get("base") or str(path), "data": recorded.get("data")}
+
+
 def format_lineage(info: dict[str, Any]) -> str:
     """The lineage as a few readable lines for the terminal."""
     lines = [f"model      {info['path']}"]
@@ -80,7 +92,8 @@ def format_lineage(info: dict[str, Any]) -> str:
             f"context {m['context']}, vocabulary {m['vocab_size']:,}"
         )
     else:
-        lines.append(f"           a Hugging Face {m['architecture']} folder")
+        kind = "file" if m["architecture"].startswith("GGUF ") else "folder"
+        lines.append(f"           a {'' if kind == 'file' else 'Hugging Face '}{m['architecture']} {kind}")
     if info.get("tokenizer"):
         lines.append(
             f"tokenizer  {info['tokenizer']['vocab_size']:,} tokens, sha256 {info['tokenizer']['sha256'][:16]}"

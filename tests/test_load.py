@@ -96,3 +96,35 @@ def test_generate_stops_before_a_stop_string(base_and_adapter, capsys: pytest.Ca
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert main([*args, "--stop", "\x00never", "--stop", stop]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["text"] == full[: full.index(stop)]
+
+
+def test_a_gguf_file_is_a_model_for_every_command(
+    base_and_adapter, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, adapter, merged = base_and_adapter
+    gguf_file = tmp_path / "model.gguf"
+    assert main(["convert", "to-gguf", str(base), str(gguf_file)]) == 0
+    assert model_kind(gguf_file) == "gguf"
+    x = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(gguf_file).model(x), load_model(base).model(x), rtol=1e-5, atol=1e-5)
+        tuned = load_model(gguf_file, adapter=adapter).model  # an adapter applies over a GGUF base too
+        torch.testing.assert_close(tuned(x), merged(x), rtol=1e-5, atol=1e-5)
+
+    args = ["--prompt", "The quick", "--temperature", "0", "--max-new-tokens", "10", "--json"]
+    texts = []
+    for model in (base, gguf_file):
+        assert main(["generate", str(model), *args]) == 0
+        texts.append(json.loads(capsys.readouterr().out.splitlines()[-1])["text"])
+    assert texts[0] == texts[1]
+    assert main(["info", str(gguf_file), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert info["model"]["architecture"] == "GGUF llama" and info["base"] == str(gguf_file)
+    assert main(["convert", "from-gguf", str(gguf_file), str(tmp_path / "back")]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "back").model(x), load_model(base).model(x))
+
+
+def test_a_missing_gguf_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", str(tmp_path / "nowhere.gguf"), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err == f"nomoat: error: {tmp_path / 'nowhere.gguf'}: no such GGUF file\n"

@@ -92,6 +92,11 @@ def _open(path: Path) -> Any:
         raise UserError(f"{path}: not a readable GGUF file ({reason})") from None
 
 
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """A GGUF file's key-value metadata, without reading its tensors (for `nomoat info`)."""
+    return _metadata(_open(Path(path)))
+
+
 def _metadata(reader: Any) -> dict[str, Any]:
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
