@@ -75,3 +75,13 @@ def llamacpp() -> Path:
         return Path(found.stdout.strip())
     done = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True)
     return Path(done.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def llamacpp_source(llamacpp: Path) -> Path:
+    """llama.cpp's source folder (convert_hf_to_gguf.py, gguf-py, models/), the second reference."""
+    import subprocess
+
+    script = Path(__file__).parents[1] / "scripts/llamacpp.sh"
+    found = subprocess.run(["bash", str(script), "--source"], capture_output=True, text=True, check=True)
+    return Path(found.stdout.strip())

@@ -25,7 +25,6 @@ from nomoat.tokenizer import Tokenizer
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-SCRIPT = Path(__file__).parents[1] / "scripts/llamacpp.sh"
 # Runs convert_hf_to_gguf.py with three facts it cannot know about a freshly trained tiny model filled in: the
 # BPE pre-tokenizer (a new tokenizer's hash is in no list), that there is no tokenizer.model (it would import
 # sentencepiece to find out), and the config keys that transformers 5's AutoConfig.to_dict() no longer keeps.
@@ -52,16 +51,6 @@ MIXED = "Hello wörld 😶‍🌫️ naïve — 12345 3.14\n\n\tdef f(x):\n    r
 # What transformers reads from GGUF: no GPT-NeoX at all, and Llama 3 without its rope_freqs (so other logits).
 TRANSFORMERS_TOKENIZER = ("llama-gqa", "llama3-tied", "mistral", "qwen2-tied", "gpt2")
 TRANSFORMERS_MODEL = ("llama-gqa", "mistral", "qwen2-tied", "gpt2")
-
-
-@pytest.fixture(scope="session")
-def llamacpp_source() -> Path:
-    if os.environ.get("CI") != "true" and os.environ.get("NOMOAT_LLAMACPP") != "1":
-        if subprocess.run(["bash", str(SCRIPT), "--built"], capture_output=True).returncode != 0:
-            pytest.skip("llama.cpp is not here: run scripts/llamacpp.sh (about 10 minutes, once)")
-    return Path(
-        subprocess.run(["bash", str(SCRIPT), "--source"], capture_output=True, text=True, check=True).stdout.strip()
-    )
 
 
 def to_gguf(source: Path, hf_dir: Path, out: Path, outtype: str = "f32", pre: str = "gpt-2") -> Path:

@@ -128,16 +128,10 @@ LLAMA3_SPLIT = (
 )
 
 
-def llama3_tokenizer() -> Tokenizer:
+def llama3_tokenizer(source: Path) -> Tokenizer:
     """Llama 3's tokenizer.json rebuilt from the vocabulary llama.cpp ships for its own tests (its tokens and
     merges, Meta's split regex, the <|begin_of_text|> template): a real imported tokenizer, offline."""
-    script = Path(__file__).parents[1] / "scripts/llamacpp.sh"
-    source = subprocess.run(["bash", str(script), "--built"], capture_output=True, text=True)
-    vocab = Path(source.stdout.strip()).parents[1] / "src" if source.returncode == 0 else None
-    found = sorted(vocab.glob("*/vendor/llama.cpp/models/ggml-vocab-llama-bpe.gguf")) if vocab else []
-    if not found:
-        pytest.skip("llama.cpp's source (models/ggml-vocab-llama-bpe.gguf) is not here: run scripts/llamacpp.sh")
-    fields = {k: f.contents() for k, f in gguf.GGUFReader(found[0]).fields.items()}
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(source / "models/ggml-vocab-llama-bpe.gguf").fields.items()}
     tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
     merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"]]
     hf = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=True))
@@ -153,8 +147,8 @@ def llama3_tokenizer() -> Tokenizer:
 
 
 @pytest.mark.slow  # gguf's reader takes about ten seconds over Llama 3's 128k tokens and 280k merges
-def test_imported_llama3_tokenizer_is_found_by_its_hash(tmp_path, llamacpp):
-    tok = llama3_tokenizer()
+def test_imported_llama3_tokenizer_is_found_by_its_hash(tmp_path, llamacpp, llamacpp_source):
+    tok = llama3_tokenizer(llamacpp_source)
     assert pre_tokenizer(tok) == "llama-bpe"
     cfg = {**ROPE, "tie_embeddings": True}
     ckpt = make_ckpt(tmp_path / "m", tok, **cfg, vocab_size=tok.vocab_size)
