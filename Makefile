@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/nomoat demo
 
 test: $(STAMP)
-	$(BIN)/ruff check nomoat tests benchmarks
+	$(BIN)/ruff check nomoat tests benchmarks scripts
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

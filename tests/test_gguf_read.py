@@ -25,28 +25,7 @@ from nomoat.tokenizer import Tokenizer
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-# Runs convert_hf_to_gguf.py with three facts it cannot know about a freshly trained tiny model filled in: the
-# BPE pre-tokenizer (a new tokenizer's hash is in no list), that there is no tokenizer.model (it would import
-# sentencepiece to find out), and the config keys that transformers 5's AutoConfig.to_dict() no longer keeps.
-CONVERT = """
-import runpy, sys
-src, pre = sys.argv.pop(1), sys.argv.pop(1)
-sys.path[:0] = [src + "/gguf-py", src]
-import conversion.base as base
-base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
-def no_sentencepiece(self):
-    raise FileNotFoundError("no tokenizer.model")
-base.TextModel._set_vocab_sentencepiece = no_sentencepiece
-load_hparams = base.ModelBase.load_hparams
-def with_old_keys(*args, **kwargs):
-    hp = load_hparams(*args, **kwargs)
-    hp.setdefault("n_ctx", hp.get("n_positions"))
-    hp.setdefault("rotary_pct", (hp.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
-    return hp
-base.ModelBase.load_hparams = staticmethod(with_old_keys)
-sys.argv[0] = src + "/convert_hf_to_gguf.py"
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+CONVERT = Path(__file__).parents[1] / "scripts/llamacpp_convert.py"  # llama.cpp's converter, facts filled in
 MIXED = "Hello wörld 😶‍🌫️ naïve — 12345 3.14\n\n\tdef f(x):\n    return x**2  # ok   \r\n  I'VE 'll <|endoftext|>!"
 # What transformers reads from GGUF: no GPT-NeoX at all, and Llama 3 without its rope_freqs (so other logits).
 TRANSFORMERS_TOKENIZER = ("llama-gqa", "llama3-tied", "mistral", "qwen2-tied", "gpt2")
@@ -54,10 +33,8 @@ TRANSFORMERS_MODEL = ("llama-gqa", "mistral", "qwen2-tied", "gpt2")
 
 
 def to_gguf(source: Path, hf_dir: Path, out: Path, outtype: str = "f32", pre: str = "gpt-2") -> Path:
-    script = out.parent / "convert.py"
-    script.write_text(CONVERT)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    cmd = [sys.executable, str(script), str(source), pre, str(hf_dir), "--outfile", str(out), "--outtype", outtype]
+    cmd = [sys.executable, str(CONVERT), str(source), pre, str(hf_dir), "--outfile", str(out), "--outtype", outtype]
     subprocess.run(cmd, check=True, capture_output=True, env=env)
     return out
 
@@ -324,3 +301,23 @@ def test_bad_input_is_one_line_user_error(tmp_path):
     assert "'tekken'" in one_line_error(write_gguf(tmp_path / "tekken.gguf", **{"tokenizer.ggml.pre": "tekken"}))
     assert "llama.block_count" in one_line_error(write_gguf(tmp_path / "nolayers.gguf", **{"llama.block_count": None}))
     assert "no tokenizer" in one_line_error(write_gguf(tmp_path / "notok.gguf", **{"tokenizer.ggml.model": None}))
+
+
+def test_gguf_to_nomoat_to_gguf_gives_back_every_tensor_bit_for_bit(gguf_pair, tmp_path):
+    """llama.cpp's converter's file, read by nomoat and written again: the same tensors, names and bytes, and
+    the same hyperparameter and tokenizer keys (nomoat's own keys aside)."""
+    from nomoat.convert.gguf_write import to_gguf as export
+
+    variant, _, folder, path = gguf_pair
+    again = export(load_gguf(path), tmp_path / "again.gguf")
+    theirs, ours = gguf.GGUFReader(path), gguf.GGUFReader(again)
+    mine = {t.name: t for t in ours.tensors}  # the order may differ: llama.cpp's follows the safetensors file
+    assert sorted(mine) == sorted(t.name for t in theirs.tensors), variant
+    for a in theirs.tensors:
+        b = mine[a.name]
+        assert a.tensor_type == b.tensor_type and list(a.shape) == list(b.shape), a.name
+        assert np.array_equal(np.asarray(a.data), np.asarray(b.data)), a.name
+    arch = theirs.fields["general.architecture"].contents()
+    keys = [k for k in theirs.fields if k.startswith(("tokenizer.ggml.", f"{arch}."))]
+    for key in keys:
+        assert ours.fields[key].contents() == theirs.fields[key].contents(), (variant, key)

@@ -254,6 +254,20 @@ def _is_gpt2_byte_level(spec: dict[str, Any]) -> bool:
     )
 
 
+def _rebuilt_pre(spec: dict[str, Any]) -> str | None:
+    """The llama.cpp pre-tokenizer that a tokenizer read from GGUF (gguf_read's Split regexes, then bytes) was
+    built from, so that a GGUF read in is written out under the same name."""
+    from nomoat.convert.gguf_read import PRE_TOKENIZERS
+
+    steps = (spec.get("pre_tokenizer") or {}).get("pretokenizers") or []
+    if not steps or steps[-1].get("type") != "ByteLevel" or steps[-1].get("use_regex", True):
+        return None
+    if any(s.get("type") != "Split" or s.get("behavior") != "Isolated" for s in steps[:-1]):
+        return None
+    regexes = [(s.get("pattern") or {}).get("Regex") for s in steps[:-1]]
+    return next((name for name, known in PRE_TOKENIZERS.items() if known == regexes), None)
+
+
 def _describe(step: dict[str, Any] | None) -> str:
     """A pre-tokenizer as a short name: "ByteLevel", "Sequence[Split, ByteLevel]", "none"."""
     if not step:
@@ -278,6 +292,8 @@ def pre_tokenizer(tok: Tokenizer, spec: dict[str, Any] | None = None) -> str:
         return KNOWN_PRE[probe]
     if _is_gpt2_byte_level(spec):
         return "gpt-2"
+    if rebuilt := _rebuilt_pre(spec):
+        return rebuilt
     raise UserError(
         f"tokenizer: its pre-tokenizer {described} (probe hash {probe[:12]}) matches none that llama.cpp "
         "implements, so llama.cpp would split text differently"
