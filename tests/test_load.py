@@ -128,3 +128,22 @@ def test_a_gguf_file_is_a_model_for_every_command(
 def test_a_missing_gguf_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", str(tmp_path / "nowhere.gguf"), "--prompt", "x"]) == 2
     assert capsys.readouterr().err == f"nomoat: error: {tmp_path / 'nowhere.gguf'}: no such GGUF file\n"
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_finetune_over_a_gguf_base(base_and_adapter, tmp_path: Path, method: str) -> None:
+    """A GGUF file is a base like any other: the run records it, and loading the run applies its adapter to it."""
+    from nomoat.config import FinetuneConfig
+    from nomoat.finetune import finetune
+
+    base, _, _ = base_and_adapter
+    gguf_file = tmp_path / "base.gguf"
+    assert main(["convert", "to-gguf", str(base), str(gguf_file)]) == 0
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": TEXT[i : i + 60]}) + "\n" for i in range(0, 400, 40)))
+    train = TrainConfig(out_dir=str(tmp_path / "run"), steps=4, batch_size=2, seq_len=32, lr=1e-2, log_every=1)
+    fc = FinetuneConfig(base=str(gguf_file), data=str(tmp_path / "d.jsonl"), method=method, lora_rank=4)
+    result = finetune(RunConfig(train=train, finetune=fc), progress=False)
+    tuned, plain = load_model(result.checkpoint), load_model(gguf_file)
+    x = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert not torch.allclose(tuned.model(x), plain.model(x), atol=1e-4)  # the adapter, over the GGUF base
