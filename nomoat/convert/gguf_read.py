@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +237,18 @@ def _model(path: Path, reader: Any, meta: dict[str, Any]) -> tuple[ModelConfig, 
         hf_name = _hf_name(arch, name, str(path))
         if hf_name is not None:
             state[hf_name] = _hf_tensor(arch, hf, hf_name, _dequantize(path, t))
+        _release(reader, t)
     return cfg, build_model(cfg, weights_from_hf(hf["architectures"][0], cfg, state), str(path))
+
+
+def _release(reader: Any, t: Any) -> None:
+    """Drop the file pages a tensor was read from once it is copied out: they would otherwise stay resident
+    beside the copy while the reader is open, so the peak would be two copies of the weights, not one."""
+    mm = getattr(reader.data, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise"):
+        return
+    start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+    mm.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
 
 
 def _bpe(meta: dict[str, Any], where: str) -> tokenizers.Tokenizer:
