@@ -307,3 +307,36 @@ def test_adapter_refusals(tokenizer, tmp_path):
     with pytest.raises(UserError, match="LLaMA, Mistral and Qwen2 only, not GPT2LMHeadModel"):
         adapter_to_gguf(ckpt, tmp_path / "a.gguf")
     assert list(tmp_path.glob("*.gguf")) == []
+
+
+# ChatML's markers in a layout of its own: were llama.cpp to fall back to its built-in ChatML, the prompt, and
+# so the greedy answer, would differ from nomoat's.
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] | upper }}: {{ m['content'] }}<|im_end|>\n\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>ASSISTANT: {% endif %}"
+)
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        return json.loads(reply.read())
+
+
+def test_llama_server_chats_through_the_exported_template_as_nomoat_serve_does(tmp_path, llamacpp):
+    from nomoat.serve.app import build_app, running
+
+    tok = train_tokenizer([SHAKESPEARE.read_text()[:50_000]], V, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                                              "<|im_end|>"])  # fmt: skip
+    tok.chat_template = TEMPLATE
+    ckpt = make_ckpt(tmp_path / "chat", tok, **VARIANTS["llama-gqa"])
+    path = to_gguf(ckpt, tmp_path / "chat.gguf")
+    body = {"messages": [{"role": "user", "content": "What light through yonder window breaks?"}],
+            "temperature": 0, "max_tokens": 12}  # fmt: skip
+    with running(build_app(ckpt.model, tok, "chat")) as url:
+        ours = post(f"{url}/v1/chat/completions", {**body, "model": "chat"})["choices"][0]["message"]["content"]
+    with llama_server(llamacpp, path, "--jinja") as url:
+        theirs = post(f"{url}/v1/chat/completions", body)["choices"][0]["message"]["content"]
+    log = path.with_suffix(".log").read_text(errors="replace").lower()
+    assert theirs == ours and ours
+    assert "fallback" not in log and "failed to" not in log, log[-2000:]
