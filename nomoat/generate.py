@@ -98,6 +98,8 @@ def generate_tokens(
         raise UserError("the prompt is empty: give at least one token")
     if len(prompt) >= max_len:
         raise UserError(f"the prompt has {len(prompt)} tokens; the model's context is {max_len}")
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
     device = model.embed_tokens.weight.device
     generator = torch.Generator(device=device)
     if seed is None:

@@ -178,3 +178,12 @@ def test_usage_mistakes_get_one_line_and_status_2(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("nomoat: error: ") for line in err), err
     assert "--config" in err[0] and "invalid choice: 'no-such-command'" in err[1]
+
+
+def test_a_negative_token_count_is_one_line(shakespeare_shards, tmp_path: Path) -> None:
+    proc = nomoat("generate", str(tmp_path / "nowhere"), "--prompt", "x", check_rc=None)
+    assert_one_line_error(proc, "no such checkpoint")
+    run = tmp_path / "run"
+    main(["train", "--config", str(write_run(shakespeare_shards, run, tmp_path / "r.toml", steps=2)), "--json"])
+    assert_one_line_error(nomoat("generate", str(run), "--prompt", "x", "--max-new-tokens", "-3", check_rc=None),
+                          "max_new_tokens must be 0 or more, got -3")  # fmt: skip

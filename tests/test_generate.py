@@ -68,6 +68,8 @@ def test_stops_at_eos_and_at_full_context(model):
         list(generate_tokens(model, list(range(40)), max_new_tokens=1))
     with pytest.raises(UserError, match="empty"):
         list(generate_tokens(model, [], max_new_tokens=1))
+    with pytest.raises(UserError, match="max_new_tokens must be 0 or more, got -3"):
+        list(generate_tokens(model, [1], max_new_tokens=-3))
 
 
 def test_text_streams_and_matches_one_shot_decode(model):
