@@ -14,17 +14,18 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import struct
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from nomoat.config import ModelConfig, RunConfig, from_dict, read_toml, save_config
 from nomoat.distributed import ONE_PROCESS, World, barrier
@@ -262,6 +263,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise UserError(f"{path}: holds no model.safetensors and no checkpoints/step_* folder")
 
 
+# Reads the weights a group (one layer, or the top-level tensors) at a time, in nomoat's names: with
+# meta=True as meta tensors of the stored shapes and dtypes, for a pass that only plans.
+WeightGroups = Callable[[bool], Iterator[dict[str, torch.Tensor]]]
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -269,26 +275,30 @@ class Checkpoint:
     model: Transformer
     tokenizer: Tokenizer
     trainer: dict[str, Any] | None
+    weights: WeightGroups | None = None  # set when `model` is a meta skeleton (loaded with device="meta")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", trainer_state: bool = False) -> Checkpoint:
     """A nomoat checkpoint or run folder (its newest checkpoint). Commands load through load.load_model, which
-    also takes the other formats and adapters."""
+    also takes the other formats and adapters. On device "meta" no weight is read: the model is a checked
+    skeleton and `weights` streams the tensors, so that an export holds about one layer at a time."""
     folder = resolve_checkpoint(path)
     cfg = from_dict(read_toml(folder / "config.toml"), where=str(folder / "config.toml"))
-    if (folder / "model.safetensors").is_file():
-        weights = read_safetensors([folder / "model.safetensors"])
+    file = folder / "model.safetensors"
+    if file.is_file():
+        groups: WeightGroups = lambda meta: safetensors_groups([file], meta)  # noqa: E731
     else:  # a sharded run's checkpoint: gather the shards in this one process
-        weights = {name: _read_state_tensor(folder, name, *meta) for name, meta in _state_tensors(folder).items()}
-    model = build_model(cfg.model, weights, str(folder / "model.safetensors"))
-    model.to(device)
+        groups = lambda meta: _state_groups(folder, meta)  # noqa: E731
+    lazy = torch.device(device).type == "meta"
+    weights = {k: v for group in groups(lazy) for k, v in group.items()}
+    model = build_model(cfg.model, weights, str(file)).to(device)
     tokenizer = Tokenizer.load(folder / "tokenizer.json")
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(
             f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.model.vocab_size}"
         )
     trainer = read_trainer_state(folder) if trainer_state else None
-    return Checkpoint(folder, cfg, model, tokenizer, trainer)
+    return Checkpoint(folder, cfg, model, tokenizer, trainer, groups if lazy else None)
 
 
 def read_trainer_state(folder: Path) -> dict[str, Any]:
@@ -302,18 +312,63 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
         raise UserError(f"{path}: holds more than tensors and plain values; refusing to unpickle it") from e
 
 
-def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    """Every tensor of the files, memory-mapped, so that building a model holds one copy of the weights."""
-    state: dict[str, torch.Tensor] = {}
+def _reason(e: Exception) -> str:
+    return "truncated or corrupt" if "incomplete" in str(e).lower() or "too small" in str(e).lower() else str(e)
+
+
+def _check_safetensors(file: Path) -> None:
+    if not file.is_file():
+        raise UserError(f"{file}: weight file missing")
+
+
+_FROM_ST = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+            "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+
+
+def layer_of(key: str) -> int:
+    """The block a tensor name belongs to (nomoat's and Hugging Face's names alike); -1 for the others."""
+    found = re.search(r"(?:^|\.)(?:layers|h)\.(\d+)\.", key)
+    return int(found.group(1)) if found else -1
+
+
+def safetensors_groups(files: list[Path], meta: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """The files' tensors a layer at a time (top-level ones first, as one group), each group read under a memory
+    map of its own that is closed before the next, so that reading all of them holds about one layer."""
+    where: dict[int, dict[str, Path]] = {}
     for file in files:
-        if not file.is_file():
-            raise UserError(f"{file}: weight file missing")
+        _check_safetensors(file)
         try:
-            state.update(load_file(str(file)))
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():  # noqa: SIM118 (a safe_open handle is not a mapping)
+                    where.setdefault(layer_of(key), {})[key] = file
         except SafetensorError as e:
-            reason = "truncated or corrupt" if "incomplete" in str(e).lower() or "too small" in str(e).lower() else e
-            raise UserError(f"{file}: not a readable safetensors file ({reason})") from None
-    return state
+            raise UserError(f"{file}: not a readable safetensors file ({_reason(e)})") from None
+    for layer in sorted(where):
+        group: dict[str, torch.Tensor] = {}
+        for file in dict.fromkeys(where[layer].values()):
+            with safe_open(str(file), "pt") as f:
+                for key in (k for k, f_ in where[layer].items() if f_ == file):
+                    group[key] = _meta_tensor(f, key, file) if meta else f.get_tensor(key)
+        yield group
+
+
+def _meta_tensor(f: Any, key: str, file: Path) -> torch.Tensor:
+    info = f.get_slice(key)
+    if info.get_dtype() not in _FROM_ST:
+        raise UserError(f"{file}: tensor {key} has type {info.get_dtype()}, which nomoat does not read")
+    return torch.empty(info.get_shape(), dtype=_FROM_ST[info.get_dtype()], device="meta")
+
+
+def _state_groups(folder: Path, meta: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """state/'s model tensors a layer at a time, as safetensors_groups reads a file."""
+    layers: dict[int, dict[str, tuple[torch.Size, torch.dtype]]] = {}
+    for name, info in _state_tensors(folder).items():
+        layers.setdefault(layer_of(name), {})[name] = info
+    for layer in sorted(layers):
+        if meta:
+            yield {n: torch.empty(s, dtype=d, device="meta") for n, (s, d) in layers[layer].items()}
+        else:
+            yield {n: _read_state_tensor(folder, n, s, d) for n, (s, d) in layers[layer].items()}
 
 
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str) -> Transformer:

@@ -289,14 +289,15 @@ def cmd_convert_to_hf(args: argparse.Namespace) -> None:
 def cmd_convert_to_gguf(args: argparse.Namespace) -> None:
     from nomoat.convert.gguf_write import adapter_to_gguf, to_gguf
     from nomoat.lineage import lineage
+    from nomoat.load import load_model, model_folder
 
     if args.adapter_only:
-        from nomoat.load import model_folder
-
         out = adapter_to_gguf(Path(args.adapter) if args.adapter else model_folder(args.model), args.out)
         print(f"wrote LoRA adapter GGUF {out}: load it with llama.cpp's --lora over the base's GGUF", file=sys.stderr)
         return
-    out = to_gguf(_load(args), args.out, qtype=args.type, lineage=lineage(args.model))
+    # device "meta": the export streams the weights from their files, about one layer in memory at a time
+    ckpt = load_model(args.model, adapter=args.adapter, device="meta")
+    out = to_gguf(ckpt, args.out, qtype=args.type, lineage=lineage(args.model))
     print(f"wrote GGUF file {out} ({args.type})", file=sys.stderr)
 
 

@@ -59,7 +59,7 @@ def _load_base(path: str | Path, device: str | torch.device, trainer_state: bool
     if model_kind(path) == "gguf":
         from nomoat.convert.gguf_read import load_gguf  # the gguf package loads only for GGUF files
 
-        return load_gguf(path, device=device)
+        return load_gguf(path, device=_real(device))  # dequantized as it is read: there is nothing to stream
     return load_checkpoint(path, device=device, trainer_state=trainer_state)
 
 
@@ -73,7 +73,9 @@ def load_model(
     """Any MODEL a user holds, plus an optional LoRA adapter folder, merged for inference.
 
     A LoRA fine-tuning checkpoint loads its recorded base and applies itself; an adapter trained over a 4-bit
-    base is applied to that base quantized the same way, as it was trained, and then dequantized."""
+    base is applied to that base quantized the same way, as it was trained, and then dequantized. On device
+    "meta" a checkpoint or Hugging Face folder reads no weights (the model is a skeleton, `weights` streams
+    them, for exports); a GGUF file or anything with an adapter loads on the CPU instead."""
     folder = model_folder(path)
     tokenizer = None
     if adapter is None and model_kind(folder) == "adapter":
@@ -81,11 +83,11 @@ def load_model(
         if tuned is None:
             raise UserError(f"{folder}: an adapter folder; give the base model, with --adapter {folder}")
         adapter, fc = folder, tuned.finetune
-        ckpt = _load_base(fc.base, device, trainer_state=False)  # type: ignore[union-attr]
+        ckpt = _load_base(fc.base, _real(device), trainer_state=False)  # type: ignore[union-attr]
         if (folder / "tokenizer.json").is_file():
             tokenizer = Tokenizer.load(folder / "tokenizer.json")
     else:
-        ckpt = _load_base(folder, device, trainer_state)
+        ckpt = _load_base(folder, device if adapter is None else _real(device), trainer_state)
         fc = None
         if adapter is not None:
             tuned = tuned_config(Path(adapter))
@@ -96,6 +98,10 @@ def load_model(
     merge_lora(model)
     dequantize_model(model)
     return dataclasses.replace(ckpt, model=model.eval(), tokenizer=tokenizer or ckpt.tokenizer)
+
+
+def _real(device: str | torch.device) -> str | torch.device:
+    return "cpu" if torch.device(device).type == "meta" else device
 
 
 def apply_adapter(model: torch.nn.Module, adapter: str | Path, fc: FinetuneConfig | None) -> torch.nn.Module:

@@ -18,11 +18,13 @@ import torch
 from conftest import SHAKESPEARE
 from tokenizers import decoders, models, pre_tokenizers, processors
 
-from nomoat.checkpoint import Checkpoint
+from nomoat.checkpoint import Checkpoint, write_files
 from nomoat.config import ModelConfig, RunConfig, TrainConfig, save_config
+from nomoat.convert import to_hf
 from nomoat.convert.gguf_write import adapter_to_gguf, pre_tokenizer, to_gguf
 from nomoat.errors import UserError
 from nomoat.generate import generate_tokens
+from nomoat.load import load_model
 from nomoat.lora import add_lora, lora_layers, save_adapter
 from nomoat.model import Transformer
 from nomoat.tokenizer import Tokenizer, train_tokenizer
@@ -102,6 +104,32 @@ def run(llamacpp: Path, tool: str, *args: str) -> str:
     done = subprocess.run([str(llamacpp / tool), *args], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "llama3-tied", "gpt2", "pythia"])
+def test_streamed_export_is_the_loaded_export_byte_for_byte(variant, tokenizer, tmp_path):
+    """to-gguf reads a checkpoint or Hugging Face folder as a meta skeleton and streams the weights from the
+    files a layer at a time; the file must be the one an export of the loaded model writes."""
+    ckpt = make_ckpt(tmp_path / "ckpt", tokenizer, **VARIANTS[variant])
+    write_files(ckpt.path, ckpt.model, ckpt.cfg, tokenizer)
+    to_hf(ckpt, tmp_path / "hf")
+    for folder in (ckpt.path, tmp_path / "hf"):
+        loaded = load_model(folder)
+        skeleton = load_model(folder, device="meta")
+        assert skeleton.weights is not None and all(p.is_meta for p in skeleton.model.parameters())
+        for qtype in ("f32", "q8_0"):
+            to_gguf(loaded, tmp_path / "loaded.gguf", qtype)
+            to_gguf(skeleton, tmp_path / "streamed.gguf", qtype)
+            assert gguf_contents(tmp_path / "streamed.gguf") == gguf_contents(tmp_path / "loaded.gguf"), (folder, qtype)
+
+
+def gguf_contents(path: Path) -> tuple[dict, dict]:
+    """(metadata, tensors as (type, shape, bytes)) of a GGUF file, whatever the order of its tensor table."""
+    reader = gguf.GGUFReader(path)
+    meta = {k: (f.types, [bytes(f.parts[i]) for i in f.data]) for k, f in reader.fields.items()}
+    meta = {k: v for k, v in meta.items() if not k.startswith("GGUF.")}  # the table's counts and offsets
+    tensors = {t.name: (t.tensor_type, tuple(t.shape), t.data.tobytes()) for t in reader.tensors}
+    return meta, tensors
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -80,7 +80,10 @@ def to_gguf(ckpt: Checkpoint, out: str | Path, qtype: str = "f32", lineage: dict
     arch, hf = gguf_layout(ckpt)
     if cfg.rope_scaling == "llama3" and GGUF_ARCH[arch] != gguf.MODEL_ARCH.LLAMA:
         raise UserError(f"llama3 RoPE scaling on {arch} has no GGUF form (llama.cpp applies it to LLaMA only)")
-    plan = [(name, shape, tensor_type(name, shape, qtype)) for name, shape in _shapes(ckpt, arch, hf)]
+    # A first pass plans the tensor table, which precedes the data, from shapes alone (meta tensors); the
+    # second reads, converts and quantizes one tensor at a time as it is written.
+    plan = [(name, tuple(t.shape)) for name, t in gguf_tensors(ckpt, arch, meta=True)]
+    plan = [(name, shape, tensor_type(name, shape, qtype)) for name, shape in plan]
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[GGUF_ARCH[arch]])
     _add_general(writer, ckpt, qtype, lineage)
     _add_hparams(writer, arch, hf, cfg)
@@ -88,8 +91,8 @@ def to_gguf(ckpt: Checkpoint, out: str | Path, qtype: str = "f32", lineage: dict
     for name, shape, kind in plan:
         block, size = gguf.GGML_QUANT_SIZES[kind]
         writer.add_tensor_info(name, shape, np.dtype(np.float32), math.prod(shape) // block * size, raw_dtype=kind)
-    tensors = zip(gguf_tensors(ckpt, arch, hf), plan, strict=True)
-    return _write(writer, Path(out), (gguf.quants.quantize(data, kind) for (_, data), (_, _, kind) in tensors))
+    tensors = zip(gguf_tensors(ckpt, arch, meta=False), plan, strict=True)
+    return _write(writer, Path(out), (gguf.quants.quantize(t.numpy(), kind) for (_, t), (_, _, kind) in tensors))
 
 
 def _write(writer: gguf.GGUFWriter, out: Path, data: Iterator[np.ndarray] | None = None) -> Path:
@@ -140,14 +143,19 @@ def tensor_type(name: str, shape: tuple[int, ...], qtype: str) -> Q:
     return kind
 
 
-def _hf_tensors(ckpt: Checkpoint, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's tensors in Hugging Face layout, converted one layer at a time so that at most one layer's
-    fused or transposed copies exist at once."""
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in ckpt.model.state_dict().items():
-        layer = key.split(".")[1] if key.startswith("layers.") else ""
-        groups.setdefault(layer, {})[key] = t.detach()
-    for group in groups.values():
+def _hf_tensors(ckpt: Checkpoint, arch: str, meta: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's tensors in Hugging Face layout, converted a layer at a time so that at most one layer's fused
+    or transposed copies exist at once; with meta=True, meta tensors of the same shapes, for planning. A model
+    loaded as a skeleton (device "meta") is read from its files, a layer at a time, as it goes."""
+    if ckpt.weights is not None:
+        groups = ckpt.weights(meta)
+    else:
+        by_layer: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in ckpt.model.state_dict().items():
+            layer = key.split(".")[1] if key.startswith("layers.") else ""
+            by_layer.setdefault(layer, {})[key] = t.detach().to("meta") if meta else t.detach().cpu()
+        groups = iter(by_layer.values())
+    for group in groups:
         yield from weights_to_hf(arch, ckpt.cfg.model, group).items()
 
 
@@ -181,27 +189,19 @@ def _llama3_factors(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(wavelen < old / high, 1.0, torch.where(wavelen > old / low, cfg.rope_factor, blended))
 
 
-def gguf_tensors(ckpt: Checkpoint, arch: str, hf: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
-    """(GGUF name, float32 or float16 array) for every tensor, in the order the file holds them."""
+def gguf_tensors(ckpt: Checkpoint, arch: str, meta: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, float32 or float16 tensor) for every tensor, in the order the file holds them."""
     cfg = ckpt.cfg.model
     names = gguf.get_tensor_name_map(GGUF_ARCH[arch], cfg.n_layer)
     if cfg.rope_scaling == "llama3":
-        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_factors(cfg).numpy()
-    for name, t in _hf_tensors(ckpt, arch):
-        t = t.cpu()
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_factors(cfg)
+    for name, t in _hf_tensors(ckpt, arch, meta):
         if t.dtype not in (torch.float16, torch.float32):
             t = t.float()  # as the converter: bf16 and others go through fp32
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise UserError(f"tensor {name} has no GGUF name in llama.cpp's {arch} map")
-        yield new, _as_llamacpp(arch, cfg, name, t).contiguous().numpy()
-
-
-def _shapes(ckpt: Checkpoint, arch: str, hf: dict[str, Any]) -> Iterator[tuple[str, tuple[int, ...]]]:
-    # A first pass for the tensor table, which precedes the data: renaming and reshaping are cheap, and
-    # quantizing waits for the second pass, so no quantized tensor is ever held.
-    for name, data in gguf_tensors(ckpt, arch, hf):
-        yield name, tuple(data.shape)
+        yield new, _as_llamacpp(arch, cfg, name, t).contiguous()
 
 
 # ---- metadata ----

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from nomoat.checkpoint import Checkpoint, build_model, read_safetensors, write_files
+from nomoat.checkpoint import Checkpoint, build_model, safetensors_groups, write_files
 from nomoat.config import ModelConfig, RunConfig, TrainConfig
 from nomoat.errors import UserError
 from nomoat.files import atomic_folder, read_json
@@ -267,17 +268,24 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def load_hf(folder: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """A Hugging Face model folder as a nomoat Checkpoint, with no change in a single logit."""
+    """A Hugging Face model folder as a nomoat Checkpoint, with no change in a single logit. On device "meta" no
+    weight is read (see load_checkpoint)."""
     folder = Path(folder)
     hf = read_hf_config(folder)
     arch = hf["architectures"][0]
     cfg = config_from_hf(hf)
     files = _weight_files(folder)
-    state = weights_from_hf(arch, cfg, read_safetensors(files))
+
+    def groups(meta: bool) -> Iterator[dict[str, torch.Tensor]]:
+        for group in safetensors_groups(files, meta):
+            yield weights_from_hf(arch, cfg, group)
+
+    lazy = torch.device(device).type == "meta"
+    state = {k: v for group in groups(lazy) for k, v in group.items()}
     model = build_model(cfg, state, str(files[0] if len(files) == 1 else folder)).to(device)
     tokenizer = _load_tokenizer(folder)
     run = RunConfig(model=cfg, train=TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len)))
-    return Checkpoint(folder, run, model, tokenizer, None)
+    return Checkpoint(folder, run, model, tokenizer, None, groups if lazy else None)
 
 
 def _load_tokenizer(folder: Path) -> Tokenizer:
