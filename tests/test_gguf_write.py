@@ -21,6 +21,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors
 from nomoat.checkpoint import Checkpoint, write_files
 from nomoat.config import ModelConfig, RunConfig, TrainConfig, save_config
 from nomoat.convert import to_hf
+from nomoat.convert.gguf_read import load_gguf, read_metadata
 from nomoat.convert.gguf_write import adapter_to_gguf, pre_tokenizer, to_gguf
 from nomoat.errors import UserError
 from nomoat.generate import generate_tokens
@@ -284,6 +285,58 @@ def test_bad_input_is_one_line_and_leaves_no_file(tokenizer, tmp_path):
         to_gguf(ckpt, out, "q8_0")
     assert out.read_bytes() == b"an older export"
     assert to_gguf(ckpt, out, "f16") == out and out.read_bytes()[:4] == b"GGUF"
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    """A SentencePiece-style tokenizer (▁ for spaces, byte fallback, <unk> <s> </s>, a user-defined <tool>), as
+    nomoat reads one from a Llama 2-style GGUF: the layout of Llama 2's, Mistral's and TinyLlama's tokenizer.json."""
+    from test_gguf_read import spm_vocabulary, write_gguf  # the vocabulary the import tests read
+
+    return load_gguf(write_gguf(tmp_path_factory.mktemp("spm") / "spm.gguf", spm=spm_vocabulary())).tokenizer
+
+
+def test_sentencepiece_vocabulary_exports_as_llamas_spm(spm_tokenizer, tmp_path, llamacpp):
+    from test_gguf_read import llamacpp_ids
+
+    n = spm_tokenizer.vocab_size
+    ckpt = make_ckpt(tmp_path / "m", spm_tokenizer, vocab_size=n, **VARIANTS["llama-gqa"])
+    path = to_gguf(ckpt, tmp_path / "m.gguf")
+    meta = read_metadata(path)
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is True
+    assert meta["tokenizer.ggml.token_type"][3:259] == [6] * 256 and meta["tokenizer.ggml.unknown_token_id"] == 0
+    for text in (MIXED, "<s>Thou art<tool> here</s>  two  spaces\n", SHAKESPEARE.read_text()[:3000]):
+        assert llamacpp_ids(llamacpp, path, text) == spm_tokenizer.encode(text), text
+    ids = spm_tokenizer.encode(PROMPT)
+    mine = list(generate_tokens(ckpt.model, ids, 32, temperature=0, eos_id=spm_tokenizer.eos_id))
+    assert len(mine) > 8
+    with llama_server(llamacpp, path) as url:
+        assert greedy(url, ids, 32) == mine
+
+
+def test_sentencepiece_vocabulary_survives_gguf_to_nomoat_to_gguf(spm_tokenizer, tmp_path):
+    """Written out and read back, the tokenizer encodes as before (the scores rank merges as its merges do)."""
+    ckpt = make_ckpt(tmp_path / "m", spm_tokenizer, vocab_size=spm_tokenizer.vocab_size, **VARIANTS["llama-gqa"])
+    back = load_gguf(to_gguf(ckpt, tmp_path / "m.gguf")).tokenizer
+    for text in (MIXED, "<s>Thou art<tool> here</s>  two  spaces\n", SHAKESPEARE.read_text()[:3000]):
+        assert back.encode(text) == spm_tokenizer.encode(text)
+
+
+def test_unfaithful_sentencepiece_tokenizers_are_refused(spm_tokenizer, tmp_path):
+    ckpt = make_ckpt(tmp_path / "m", spm_tokenizer, vocab_size=spm_tokenizer.vocab_size, **VARIANTS["llama-gqa"])
+    spec = json.loads(spm_tokenizer.hf.to_str())
+    dropped = spec["model"]["merges"].pop(len(spec["model"]["merges"]) // 2)  # a split SPM would still join
+    ckpt.tokenizer = Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
+    with pytest.raises(UserError, match="merges are not SentencePiece's") as e:
+        to_gguf(ckpt, tmp_path / "m.gguf")
+    assert "\n" not in str(e.value) and repr("".join(dropped)) in str(e.value)
+    spec = json.loads(spm_tokenizer.hf.to_str())
+    spec["normalizer"] = None
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+    ckpt.tokenizer = Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
+    with pytest.raises(UserError, match="prepend_scheme 'first' has no faithful llama.cpp form") as e:
+        to_gguf(ckpt, tmp_path / "m.gguf")
+    assert "\n" not in str(e.value) and not (tmp_path / "m.gguf").exists()
 
 
 def test_unfaithful_tokenizers_are_refused(tokenizer, tmp_path):

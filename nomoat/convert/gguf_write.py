@@ -1,7 +1,10 @@
 """GGUF export: a Checkpoint (or a LoRA adapter) as the file llama.cpp's own convert_hf_to_gguf.py (or
 convert_lora_to_gguf.py) would make of its Hugging Face layout: the LLaMA q/k permutation, Llama 3's rope_freqs,
 NeoX's q|k|v regrouping, TensorNameMap names, the same tensor types and metadata, written tensor by tensor and
-atomically. Not here: reading GGUF (gguf_read.py), SentencePiece (▁, byte-fallback) vocabularies, k-quants.
+atomically. Byte-level BPE vocabularies go out as llama.cpp's `gpt2` tokenizer under the pre-tokenizer its
+converter would name; SentencePiece-style ones (▁ for spaces, byte fallback: Llama 2, Mistral, TinyLlama) as its
+`llama` (SPM) tokenizer, with scores that make its best-pair merging follow the BPE's merge ranks. Not here:
+reading GGUF (gguf_read.py), k-quant exports.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,7 +70,8 @@ KNOWN_PRE = {
     "fcace8b9cac38ce847670c970cd5892031a753a1ef381abd1d9af00f713da085": "phi-2",  # microsoft/phi-2
 }
 # gguf.TokenType values, as llama.cpp's converter assigns them
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SPACE = "\u2581"  # SentencePiece's ▁, which stands for a space
 
 
 def to_gguf(ckpt: Checkpoint, out: str | Path, qtype: str = "f32", lineage: dict[str, Any] | None = None) -> Path:
@@ -284,8 +289,9 @@ def pre_tokenizer(tok: Tokenizer, spec: dict[str, Any] | None = None) -> str:
     described = _describe(spec.get("pre_tokenizer"))
     if model.get("type") != "BPE" or model.get("byte_fallback") or "Metaspace" in described:
         raise UserError(
-            f"tokenizer: a {model.get('type')} vocabulary with pre-tokenizer {described} is SentencePiece-style "
-            "(▁, byte fallback) or not BPE; GGUF export writes byte-level BPE vocabularies only"
+            f"tokenizer: a {model.get('type')} vocabulary with pre-tokenizer {described} and byte_fallback "
+            f"{bool(model.get('byte_fallback'))} is neither byte-level BPE nor SentencePiece-style (▁ for spaces, "
+            "byte fallback), the two that llama.cpp tokenizes as Hugging Face does"
         )
     probe = hashlib.sha256(str(tok.hf.encode(PROBE).ids).encode()).hexdigest()
     if probe in KNOWN_PRE:
@@ -300,26 +306,80 @@ def pre_tokenizer(tok: Tokenizer, spec: dict[str, Any] | None = None) -> str:
     )
 
 
-def _tokens(tok: Tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
-    """Token strings and types for ids 0..n_vocab-1 (get_vocab_base): holes become [PADi] UNUSED."""
+def _tokens(tok: Tokenizer, n_vocab: int, spm: bool = False) -> tuple[list[str], list[int]]:
+    """Token strings and types for ids 0..n_vocab-1 (get_vocab_base): holes become [PADi] UNUSED; in a
+    SentencePiece-style vocabulary <0xXX> pieces are BYTE and the model's unk token UNKNOWN."""
     by_id = {i: t for t, i in tok.hf.get_vocab(with_added_tokens=True).items()}
     if by_id and max(by_id) >= n_vocab:
         raise UserError(f"tokenizer has token id {max(by_id)} but the model's vocabulary is {n_vocab}")
     added = tok.hf.get_added_tokens_decoder()
+    unk = json.loads(tok.hf.to_str())["model"].get("unk_token") if spm else None
     tokens, types = [], []
     for i in range(n_vocab):
         text = by_id.get(i)
         if text is None:
             tokens.append(f"[PAD{i}]")
             types.append(UNUSED)
+        elif spm and text == unk:
+            tokens.append(text)
+            types.append(UNKNOWN)
         elif i in added:
             special = added[i].special or text.startswith("<|") and text.endswith("|>")
             tokens.append(text if added[i].normalized or special else tok.decode(tok.encode(text)))
             types.append(CONTROL if special else USER_DEFINED)
         else:
             tokens.append(text)
-            types.append(NORMAL)
+            types.append(BYTE if spm and re.fullmatch(r"<0x[0-9A-F]{2}>", text) else NORMAL)
     return tokens, types
+
+
+def _spm_prefix(spec: dict[str, Any]) -> bool | None:
+    """For a SentencePiece-style tokenizer (BPE with byte fallback, spaces as ▁): whether it prepends ▁ to each
+    stretch of text, as llama.cpp's add_space_prefix does at the start and after every special token. None for
+    other tokenizers; refused where llama.cpp's SPM tokenizer would split differently."""
+    model, norm, pre = spec.get("model") or {}, spec.get("normalizer"), spec.get("pre_tokenizer")
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return None
+    steps = [(n.get("type"), n.get("prepend"), (n.get("pattern") or {}).get("String"), n.get("content"))
+             for n in ((norm or {}).get("normalizers") or ([norm] if norm else []))]  # fmt: skip
+    replace = ("Replace", None, " ", SPACE)
+    if pre is None and steps in ([("Prepend", SPACE, None, None), replace], [replace]):
+        return len(steps) == 2
+    metaspace = pre is not None and pre.get("type") == "Metaspace" and pre.get("replacement") == SPACE
+    if norm is None and metaspace and not pre.get("split", True) and pre.get("prepend_scheme") in ("always", "never"):
+        return pre["prepend_scheme"] == "always"
+    scheme = f" prepend_scheme {pre.get('prepend_scheme')!r}" if metaspace else ""
+    raise UserError(
+        f"tokenizer: a byte-fallback BPE with normalizer {_describe(norm)} and pre-tokenizer {_describe(pre)}"
+        f"{scheme} has no faithful llama.cpp form (its SPM tokenizer replaces each space by ▁ and prepends one "
+        "at the start and after every special token, or never)"
+    )
+
+
+def _spm_scores(spec: dict[str, Any], tokens: list[str], types: list[int]) -> list[float]:
+    """Scores under which llama.cpp's SPM tokenizer (merge the adjacent pair whose union scores best, leftmost
+    first) merges as this BPE does: a token scores minus the rank of its first merge. That holds only where the
+    merges are all the splits of each token into two tokens, side by side, as SentencePiece-converted
+    tokenizers have them; otherwise SPM would join pieces the BPE keeps apart, so that is refused."""
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in spec["model"].get("merges") or []]
+    ranks: dict[str, list[int]] = {}
+    for rank, (a, b) in enumerate(merges):
+        ranks.setdefault(a + b, []).append(rank)
+    vocab = set(spec["model"]["vocab"])
+    for text, kind in zip(tokens, types, strict=True):
+        if kind != NORMAL:
+            continue
+        splits = {(text[:k], text[k:]) for k in range(1, len(text)) if text[:k] in vocab and text[k:] in vocab}
+        found = ranks.get(text, [])
+        mine = {merges[r] for r in found}
+        if splits - mine or (found and found != list(range(found[0], found[0] + len(found)))):
+            a, b = sorted(splits - mine)[0] if splits - mine else merges[found[0]]
+            raise UserError(
+                f"tokenizer: its merges are not SentencePiece's (token {text!r} = {a!r} + {b!r}), so llama.cpp's "
+                "SPM tokenizer would join pieces this BPE keeps apart; there is no faithful GGUF form"
+            )
+    return [-float(ranks[t][0]) if t in ranks else (0.0 if k != NORMAL else -float(len(merges) + i))
+            for i, (t, k) in enumerate(zip(tokens, types, strict=True))]  # fmt: skip
 
 
 def _merges(spec: dict[str, Any]) -> list[str]:
@@ -348,18 +408,29 @@ def _special_ids(tok: Tokenizer, spec: dict[str, Any], folder: Path) -> tuple[in
 
 def _add_vocab(writer: gguf.GGUFWriter, tok: Tokenizer, n_vocab: int, folder: Path) -> None:
     spec = json.loads(tok.hf.to_str())  # tokenizer.json as a dict: model, merges, pre-tokenizer, post-processor
-    pre = pre_tokenizer(tok, spec)
-    tokens, types = _tokens(tok, n_vocab)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
+    prefix = _spm_prefix(spec)
+    tokens, types = _tokens(tok, n_vocab, spm=prefix is not None)
+    if prefix is None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_tokenizer(tok, spec))
+    else:
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)  # in the converter's order: tokens, scores, types, merges
+    if prefix is not None:
+        writer.add_token_scores(_spm_scores(spec, tokens, types))
     writer.add_token_types(types)
-    writer.add_token_merges(_merges(spec))
+    if prefix is None:
+        writer.add_token_merges(_merges(spec))
+    else:
+        writer.add_add_space_prefix(prefix)
     bos, pad, add_bos = _special_ids(tok, spec, folder)
     if bos is not None:
         writer.add_bos_token_id(bos)
     if tok.eos_id is not None:
         writer.add_eos_token_id(tok.eos_id)
+    if UNKNOWN in types:
+        writer.add_unk_token_id(types.index(UNKNOWN))
     if pad is not None:
         writer.add_pad_token_id(pad)
     writer.add_add_bos_token(add_bos)
