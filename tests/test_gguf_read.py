@@ -196,6 +196,28 @@ def test_quantized_round_trip_stays_within_the_types_error(qtype, wide_f32, llam
             assert err < QUANT_ERROR[qtype], (name, err)
 
 
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0", "Q4_K_M"])
+def test_nomoat_generate_on_llamacpps_files_equals_transformers(qtype, wide_f32, llamacpp, tmp_path):
+    """`nomoat generate FILE.gguf --temperature 0` on files from llama.cpp's converter and llama-quantize (a
+    Q4_K_M file mixes Q4_K and Q6_K) writes what transformers generates from the same file."""
+    _, path = wide_f32
+    if qtype != "F32":
+        out = tmp_path / f"{qtype}.gguf"
+        subprocess.run([str(llamacpp / "llama-quantize"), str(path), str(out), qtype], check=True, capture_output=True)
+        path = out
+    types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert {"F32": {"F32"}, "Q4_K_M": {"Q4_K", "Q6_K"}}.get(qtype, {qtype}) <= types, types
+    prompt = "ROMEO: But soft, what light"
+    cmd = [sys.executable, "-m", "nomoat", "generate", str(path), "--prompt", prompt, "--max-new-tokens", "32",
+           "--temperature", "0", "--json"]  # fmt: skip
+    text = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)["text"]
+    tok = Tokenizer.load(wide_f32[0] / "tokenizer.json")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    ids = tok.encode(prompt)
+    out = theirs.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=tok.eos_id)
+    assert len(out[0]) > len(ids) + 8 and text == tok.decode(out[0, len(ids) :].tolist())
+
+
 def write_gguf(
     path: Path, arch: str = "llama", qtype: str = "F32", spm: tuple | None = None, **meta: str | int
 ) -> Path:
