@@ -320,7 +320,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from nomoat.serve.app import ServeConfig, serve  # FastAPI and uvicorn load only for this command
 
-    cfg = ServeConfig(**_fields(args, "host", "port", "api_key", "max_batch", "max_queue", "max_context"))
+    cfg = ServeConfig(**_fields(args, "host", "port", "api_key", "no_api_key", "max_batch", "max_queue", "max_context"))
     # (checked before the model loads)
     serve(_load(args), cfg)
 
@@ -436,9 +436,11 @@ def _add_inference_commands(add: Callable[..., argparse.ArgumentParser]) -> None
 
     p = add("serve", "an OpenAI-compatible API with continuous batching, and a chat page at /")
     _model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but localhost wants --api-key")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; beyond localhost a key is required")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API and /metrics")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API and /metrics "
+                   "(on a non-local --host without it, a random key is made and printed once)")  # fmt: skip
+    p.add_argument("--no-api-key", action="store_true", help="serve a non-local --host to anyone, with no key")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together in one step")
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot; more get 429")
     p.add_argument("--max-context", type=int, default=4096, help="tokens per sequence, if below the model's context")

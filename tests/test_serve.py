@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import openai
 import pytest
@@ -409,3 +410,33 @@ def test_cli_serves_a_checkpoint(shakespeare_shards, tmp_path):
 def test_cli_serve_refuses_a_missing_model(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_a_non_local_host_gets_a_random_key_printed_once(tokenizer, monkeypatch, capsys):
+    """Like Jupyter's token: `serve --host 0.0.0.0` with no --api-key makes a key, prints it, and requires it;
+    only an explicit --no-api-key serves anyone."""
+    import uvicorn
+
+    from nomoat.checkpoint import Checkpoint
+    from nomoat.config import RunConfig, TrainConfig
+    from nomoat.errors import UserError
+    from nomoat.serve.app import serve
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    ckpt = Checkpoint(Path("tiny"), RunConfig(model=CFG, train=TrainConfig(seq_len=32)), tiny_model(), tokenizer, None)
+    serve(ckpt, ServeConfig(host="0.0.0.0", port=0))
+    err = capsys.readouterr().err
+    key = err.split("this run's key is ")[1].split()[0]
+    assert len(key) >= 24 and err.count(key) == 2 and served["host"] == "0.0.0.0"  # printed once (and its header)
+    with running(served["app"]) as url:
+        assert requests.get(f"{url}/v1/models").status_code == 401
+        assert requests.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    serve(ckpt, ServeConfig(host="0.0.0.0", port=0, no_api_key=True))
+    assert "with no key (--no-api-key)" in capsys.readouterr().err
+    with running(served["app"]) as url:
+        assert requests.get(f"{url}/v1/models").status_code == 200
+    serve(ckpt, ServeConfig(host="127.0.0.1", port=0))
+    assert "key" not in capsys.readouterr().err
+    with pytest.raises(UserError, match="contradict"):
+        ServeConfig(host="0.0.0.0", api_key="k", no_api_key=True)

@@ -9,6 +9,7 @@ front of the app (guard.py), batching and sampling (engine.py), loading a model 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import socket
 import sys
 import threading
@@ -58,6 +59,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    no_api_key: bool = False  # serve a non-local address to anyone, said explicitly
     max_batch: int = 16  # sequences decoded together
     max_queue: int = 64  # sequences waiting for a slot before requests get 429
     max_context: int = 4096  # tokens per sequence, when the model's own context is longer
@@ -70,6 +72,26 @@ class ServeConfig:
             )
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port {self.port} is not a port number")
+        if self.no_api_key and self.api_key is not None:
+            raise UserError("--api-key and --no-api-key contradict each other: give one")
+
+
+def keyed(cfg: ServeConfig) -> ServeConfig:
+    """cfg, with a fresh random key (printed once, as Jupyter prints its token) when it would serve a non-local
+    address to anyone without the user having said --no-api-key."""
+    if cfg.host in LOCAL_HOSTS or cfg.api_key is not None:
+        return cfg
+    if cfg.no_api_key:
+        print(f"nomoat: warning: serving on {cfg.host} with no key (--no-api-key): anyone who can reach it can use it",
+              file=sys.stderr)  # fmt: skip
+        return cfg
+    key = secrets.token_urlsafe(24)
+    print(
+        f"nomoat: {cfg.host} is not a local address, so the API needs a key; this run's key is {key}\n"
+        f"nomoat: send 'Authorization: Bearer {key}' (or give --api-key KEY, or --no-api-key to serve anyone)",
+        file=sys.stderr,
+    )
+    return replace(cfg, api_key=key)
 
 
 # --- errors: every one, ours or the framework's, in OpenAI's shape ---
@@ -380,11 +402,7 @@ def serve(ckpt: Any, cfg: ServeConfig) -> None:
     """Serve a loaded model (anything with `.model`, `.tokenizer` and `.path`, as a Checkpoint has) until Ctrl-C."""
     import uvicorn
 
-    if cfg.host not in LOCAL_HOSTS and cfg.api_key is None:
-        print(
-            f"nomoat: warning: serving on {cfg.host} without --api-key: anyone who can reach it can use it",
-            file=sys.stderr,
-        )
+    cfg = keyed(cfg)
     name = ckpt.path.name if not ckpt.path.name.startswith("step_") else ckpt.path.parent.parent.name
     app = build_app(ckpt.model, ckpt.tokenizer, name, cfg)
     print(f"nomoat: serving {name!r} on http://{cfg.host}:{cfg.port}/ (chat page) and /v1", file=sys.stderr)
