@@ -7,7 +7,10 @@ The model stays math-only; batching many requests and serving live in `serve/`.
 
 from __future__ import annotations
 
+import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -45,35 +48,59 @@ def sample_next(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-# Decoding one token multiplies a single row by every weight matrix, so it is bound by reading the weights. On CPU
-# the BLAS call behind nn.Linear streams them at a fraction of memory bandwidth when there is one row, while
-# Inductor's fused multiply-and-sum reads them near full bandwidth: the compiled CPU step rewrites those products.
-def _row_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (1, n) @ b (n, m) as a multiply-and-sum over n; other shapes keep the matmul kernel."""
-    if a.size(0) != 1:
-        return NotImplemented
-    return (a.t() * b).sum(0, keepdim=True)
+# Below this many new tokens, generate_tokens decodes eagerly unless the model's compiled step already exists:
+# the compile (about 5 s for a 30-layer model with Inductor's disk cache warm, 7 s cold) would cost more than
+# it saves (a 135M LLaMA decodes at about 19 tokens/s eager and 30 compiled on 2 cores).
+AUTO_COMPILE_TOKENS = 64
 
 
-def _row_addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1, alpha: float = 1) -> torch.Tensor:
-    if a.size(0) != 1 or beta != 1 or alpha != 1:
-        return NotImplemented
-    return bias + (a.t() * b).sum(0, keepdim=True)
+class DecodeStep:
+    """Compiled one-token steps over a KVCache, for every batch size and cache length.
+
+    A decode step is a few matrix-vector products per block plus dozens of small ops, whose dispatch costs as much
+    as the products on a CPU. So the projections are fused (Transformer.fuse: q/k/v and gate/up, 4 products a
+    block instead of 7) and each block is compiled, the products staying MKL's (Inductor's own row products read
+    the weights slower). Blocks never read their own index, so one compiled graph serves every block: the
+    compile is one block's, not the model's. Cache length and batch are marked dynamic, so no request compiles
+    again. Prefill (many tokens) stays eager, where the products dominate."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.model = model.fuse()
+        self.blocks = [_batch_dynamic(torch.compile(block, dynamic=False)) for block in model.layers]
+
+    def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        for t in (*cache.k, *cache.v):  # cheap (an attribute on the tensor): lengths and batch sizes vary
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+        return self.model(idx, cache=cache, blocks=self.blocks)
 
 
-def _inductor_with_row_products(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable:
-    from torch._inductor.compile_fx import compile_fx  # the default backend, given two more decompositions
-    from torch._inductor.decomposition import select_decomp_table
+def _batch_dynamic(block: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """block, called with its inputs' batch marked dynamic: one graph for every batch of more than one row."""
 
-    aten = torch.ops.aten
-    decompositions = {**select_decomp_table(), aten.mm.default: _row_mm, aten.addmm.default: _row_addmm}
-    return compile_fx(gm, example_inputs, decompositions=decompositions)
+    def call(x: torch.Tensor, rope: tuple[torch.Tensor, ...] | None, cache: Any, pos: torch.Tensor, mask: None) -> Any:
+        for t in (x, pos, *(rope or ())):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        return block(x, rope, cache, pos, mask)
+
+    return call
 
 
-def decode_step(model: Transformer) -> Callable[[torch.Tensor, KVCache], torch.Tensor]:
-    """The model compiled for one-token steps over a KVCache."""
-    on_cpu = model.embed_tokens.weight.device.type == "cpu"
-    return torch.compile(model, backend=_inductor_with_row_products if on_cpu else "inductor")
+_STEPS: weakref.WeakKeyDictionary[Transformer, DecodeStep] = weakref.WeakKeyDictionary()
+
+
+def decode_step(model: Transformer) -> DecodeStep:
+    """The model's compiled step, made once per model and process."""
+    if model not in _STEPS:
+        _STEPS[model] = DecodeStep(model)
+    return _STEPS[model]
+
+
+def warm_up(model: Transformer) -> float:
+    """Compile the model's decode step now (long-lived commands do, so that no request waits); its seconds."""
+    start = time.perf_counter()
+    list(generate_tokens(model, [0], 2, temperature=0, compile=True))
+    return time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -86,12 +113,13 @@ def generate_tokens(
     top_p: float | None = None,
     seed: int | None = None,
     eos_id: int | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time; stops at eos_id (not yielded), max_new_tokens or a full context.
 
-    compile runs the one-token decode step through `torch.compile`: seconds of compiling on the first call
-    (and on a new cache length), then faster steps. The prompt is always run eagerly.
+    compile runs the decode steps through DecodeStep (seconds of compiling, once per model and process); None
+    does when the model's step exists already or at least AUTO_COMPILE_TOKENS are asked for. The prompt is
+    always run eagerly.
     """
     max_len = model.cfg.max_seq_len
     if not prompt:
@@ -110,7 +138,9 @@ def generate_tokens(
     n_new = min(max_new_tokens, max_len - len(prompt))
     cache = KVCache(model.cfg, 1, len(prompt) + n_new, device=device, dtype=model.embed_tokens.weight.dtype)
     logits = model(torch.tensor([list(prompt)], device=device), cache=cache)[0, -1]
-    step = decode_step(model) if compile else model
+    if compile is None:
+        compile = model in _STEPS or max_new_tokens >= AUTO_COMPILE_TOKENS
+    step = decode_step(model) if compile and n_new > 1 else model
     for i in range(n_new):
         token = sample_next(logits, temperature, top_k, top_p, generator)
         if token == eos_id:

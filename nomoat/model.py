@@ -8,6 +8,7 @@ Legend: B batch, T time, C d_model, H query heads, K key/value heads, D head dim
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,19 +34,15 @@ class KVCache:
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # tokens already cached
         self.max_len = max_len
 
+    def layer(self, i: int) -> LayerKV:
+        """Layer i's buffers, which its block writes to (a block never needs its index, so that one compiled
+        block step serves every layer)."""
+        return LayerKV(self.k[i], self.v[i])
+
     def update(
         self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, K, T, D) at positions pos, (T,) or per row (B, T); return the layer's whole buffers
-        (B, K, max_len, D)."""
-        if pos.dim() == 1:
-            self.k[layer].index_copy_(2, pos, k)
-            self.v[layer].index_copy_(2, pos, v)
-        else:
-            index = pos[:, None, :, None].expand_as(k)  # (B, K, T, D)
-            self.k[layer].scatter_(2, index, k)
-            self.v[layer].scatter_(2, index, v)
-        return self.k[layer], self.v[layer]
+        return self.layer(layer).update(pos, k, v)
 
     def narrow(self, rows: int, length: int) -> KVCache:
         """The first rows and first length positions, sharing this cache's memory: a step over a few live rows
@@ -56,6 +53,24 @@ class KVCache:
         view.pos = self.pos if self.pos.dim() == 0 else self.pos[:rows]
         view.max_len = length
         return view
+
+
+class LayerKV:
+    """One layer's key and value buffers (B, K, max_len, D) in a KVCache."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k, v
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, K, T, D) at positions pos, (T,) or per row (B, T); return the whole buffers."""
+        if pos.dim() == 1:
+            self.k.index_copy_(2, pos, k)
+            self.v.index_copy_(2, pos, v)
+        else:
+            index = pos[:, None, :, None].expand_as(k)  # (B, K, T, D)
+            self.k.scatter_(2, index, k)
+            self.v.scatter_(2, index, v)
+        return self.k, self.v
 
 
 def rope_tables(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,23 +126,36 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, self.k * self.d, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, self.k * self.d, bias=qkv_bias)
         self.o_proj = nn.Linear(self.h * self.d, cfg.d_model, bias=cfg.bias)
+        self.qkv_proj: nn.Linear | None = None  # q, k and v in one, after fuse()
+
+    def fuse(self) -> None:
+        """Replace q_proj, k_proj and v_proj by one qkv_proj holding their rows, so that a decode step reads
+        them in one matrix product (for inference: the parameter names change)."""
+        if self.qkv_proj is not None or not all(type(m) is nn.Linear for m in (self.q_proj, self.k_proj, self.v_proj)):
+            return
+        self.qkv_proj = _joined(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        cache: KVCache | None,
+        cache: LayerKV | None,
         pos: torch.Tensor,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.h, self.d).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.k, self.d).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, self.k, self.d).transpose(1, 2)  # (B, K, T, D)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([self.h * self.d, self.k * self.d, self.k * self.d], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.h, self.d).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.k, self.d).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, self.k, self.d).transpose(1, 2)  # (B, K, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = cache.update(self.layer, pos, k, v)  # (B, K, S, D), S = cache.max_len
+            k, v = cache.update(pos, k, v)  # (B, K, S, D), S = cache.max_len
             # Unwritten slots hold zeros and later tokens' slots are in the future: a query at position p sees
             # only the keys at positions <= p. With per-row positions each row has its own mask.
             mask = pos[..., None] >= torch.arange(k.size(2), device=x.device)  # (T, S) or (B, T, S)
@@ -151,12 +179,36 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.gate_up_proj: nn.Linear | None = None  # gate and up in one, after fuse()
+
+    def fuse(self) -> None:
+        """Replace gate_proj and up_proj by one gate_up_proj (SwiGLU only), as Attention.fuse does q, k, v."""
+        if self.kind != "swiglu" or self.gate_up_proj is not None:
+            return
+        if type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear:
+            self.gate_up_proj = _joined(self.gate_proj, self.up_proj)
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         if self.kind == "swiglu":
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         approximate = "tanh" if self.kind == "gelu_tanh" else "none"
         return self.down_proj(F.gelu(self.up_proj(x), approximate=approximate))
+
+
+@torch.no_grad()
+def _joined(*parts: nn.Linear) -> nn.Linear:
+    """One Linear whose output rows are the parts' rows in turn (the parts' memory is let go)."""
+    out = sum(p.out_features for p in parts)
+    bias = parts[0].bias is not None
+    joined = nn.Linear(parts[0].in_features, out, bias=bias, device="meta")
+    joined.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+    if bias:
+        joined.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    return joined
 
 
 class Block(nn.Module):
@@ -173,7 +225,7 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        cache: KVCache | None,
+        cache: LayerKV | None,
         pos: torch.Tensor,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -237,6 +289,7 @@ class Transformer(nn.Module):
         logits_at: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
         hidden: bool = False,
+        blocks: Sequence[Callable[..., torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, V). With a cache, idx continues the cached sequence; the caller keeps
         it within cache.max_len (reading cache.pos back to check would stall every step on a device sync).
@@ -244,7 +297,8 @@ class Transformer(nn.Module):
         token then skips the vocabulary projection of every other position. segments (B, T) label the samples
         packed into each row (runs of equal ids): a token attends only within its own sample, whose positions
         start again at 0, so a packed row computes exactly what its samples would alone. hidden returns the final
-        normed states (B, T, C) instead of logits, for callers that apply lm_head only where they score."""
+        normed states (B, T, C) instead of logits, for callers that apply lm_head only where they score. blocks
+        run in place of self.layers, each called as a block is: generate.py's compiled decode step."""
         B, T = idx.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -264,14 +318,23 @@ class Transformer(nn.Module):
             x = x + self.embed_positions(pos)
         else:
             rope = (self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3))  # (1, T, R) or (B, 1, T, R)
-        for layer in self.layers:
-            x = layer(x, rope, cache, pos, mask)
+        for i, layer in enumerate(blocks or self.layers):
+            x = layer(x, rope, cache.layer(i) if cache is not None else None, pos, mask)
         if cache is not None:
             cache.pos += T
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
         x = self.norm(x)
         return x if hidden else self.lm_head(x)  # (B, T, C) or (B, T, V)
+
+    def fuse(self) -> Transformer:
+        """Join each block's q/k/v and gate/up projections into one matrix each, for inference: a decode step
+        then makes 4 matrix-vector products per block instead of 7. Projections wrapped by LoRA or stored in
+        NF4 stay as they are."""
+        for block in self.layers:
+            block.self_attn.fuse()
+            block.mlp.fuse()
+        return self
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, counting tied weights once; non_embedding drops the input and position tables."""

@@ -85,3 +85,40 @@ def test_extreme_sampling_settings_stay_finite():
     assert sample_next(logits, temperature=1e-30, generator=g) == 1
     assert sample_next(logits, temperature=1e-4, generator=g) in (1, 3)
     assert sample_next(logits, temperature=1.0, top_p=1e-300, generator=g) == 1
+
+
+def test_one_compile_serves_every_block_cache_length_and_batch():
+    """The compiled step is one block's graph: a 4-layer model, prompts of new lengths and a batched cache
+    compile nothing more after the first step of each batch kind (1 and many rows)."""
+    from torch._dynamo.utils import counters
+
+    from nomoat.generate import decode_step
+    from nomoat.model import KVCache
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**vars(CFG), "n_layer": 4, "d_model": 48, "n_head": 3})).eval()
+    eager = {n: list(generate_tokens(model, list(range(1, n)), max_new_tokens=8, temperature=0)) for n in (3, 9, 20)}
+    before = counters["stats"]["unique_graphs"]
+    for n, tokens in eager.items():
+        assert list(generate_tokens(model, list(range(1, n)), max_new_tokens=8, temperature=0, compile=True)) == tokens
+    assert counters["stats"]["unique_graphs"] - before == 1
+    step = decode_step(model)
+    for rows, length in ((3, 16), (5, 30)):
+        ids = torch.randint(0, CFG.vocab_size, (rows, 5))
+        caches = [KVCache(model.cfg, rows, length) for _ in range(2)]
+        with torch.no_grad():
+            for cache in caches:
+                model(ids[:, :4], cache=cache)
+            torch.testing.assert_close(step(ids[:, 4:], caches[0]), model(ids[:, 4:], cache=caches[1]))
+    assert counters["stats"]["unique_graphs"] - before == 2
+
+
+def test_short_requests_decode_eagerly_unless_compiled_already(model):
+    from nomoat.generate import _STEPS, AUTO_COMPILE_TOKENS
+
+    torch.manual_seed(0)
+    fresh = Transformer(CFG).eval()
+    list(generate_tokens(fresh, [1, 2], max_new_tokens=AUTO_COMPILE_TOKENS - 1, temperature=0))
+    assert fresh not in _STEPS
+    list(generate_tokens(fresh, [1, 2], max_new_tokens=AUTO_COMPILE_TOKENS, temperature=0))
+    assert fresh in _STEPS

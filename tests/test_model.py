@@ -154,3 +154,22 @@ def test_packed_samples_compute_what_they_compute_alone(name):
         leaky = model(row)  # without segments the later samples see the earlier ones
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(leaky[:, 7:], alone[:, 7:], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_fused_projections_compute_the_same(name):
+    """fuse() joins q/k/v (and SwiGLU's gate/up) into one matrix each: same logits, same parameter count, and
+    a LoRA-wrapped projection is left alone."""
+    from nomoat.lora import add_lora
+
+    model = build(name)
+    idx = torch.randint(0, ARCHS[name].vocab_size, (2, 12))
+    with torch.no_grad():
+        before, n = model(idx), model.num_params()
+        model.fuse()
+        torch.testing.assert_close(model(idx), before, rtol=1e-5, atol=1e-5)
+    assert model.num_params() == n and model.layers[0].self_attn.qkv_proj is not None
+    assert (model.layers[0].mlp.gate_up_proj is not None) == (ARCHS[name].mlp == "swiglu")
+    lora = build(name)
+    add_lora(lora, rank=2, alpha=4, targets=("q_proj",))
+    assert lora.fuse().layers[0].self_attn.qkv_proj is None

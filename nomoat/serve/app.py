@@ -63,6 +63,7 @@ class ServeConfig:
     max_batch: int = 16  # sequences decoded together
     max_queue: int = 64  # sequences waiting for a slot before requests get 429
     max_context: int = 4096  # tokens per sequence, when the model's own context is longer
+    compile: bool = True  # decode through generate.py's compiled step (compiled once, at start-up)
 
     def __post_init__(self) -> None:
         if min(self.max_batch, self.max_queue, self.max_context - 1) < 1:
@@ -387,7 +388,9 @@ def build_app(model: Transformer, tokenizer: Tokenizer, model_name: str, cfg: Se
     app.post("/v1/chat/completions")(chat_completions)
     state = app.state
     state.cfg, state.model_name, state.tokenizer, state.metrics = cfg, model_name, tokenizer, metrics
-    state.engine = Engine(model, tokenizer, cfg.max_batch, cfg.max_queue, cfg.max_context, metrics=metrics)
+    state.engine = Engine(
+        model, tokenizer, cfg.max_batch, cfg.max_queue, cfg.max_context, metrics=metrics, compile=cfg.compile
+    )
     state.created = int(time.time())
     state.page_html = resources.files("nomoat.serve").joinpath("page.html").read_text()
     try:  # what the template writes after a reply ("<|im_end|>", "<|eot_id|>"): a stop string even when only text
@@ -405,6 +408,8 @@ def serve(ckpt: Any, cfg: ServeConfig) -> None:
     cfg = keyed(cfg)
     name = ckpt.path.name if not ckpt.path.name.startswith("step_") else ckpt.path.parent.parent.name
     app = build_app(ckpt.model, ckpt.tokenizer, name, cfg)
+    if cfg.compile:  # paid once here, so that no request waits for it
+        print(f"nomoat: decode step compiled in {app.app.state.engine.warm_up():.1f} s", file=sys.stderr)
     print(f"nomoat: serving {name!r} on http://{cfg.host}:{cfg.port}/ (chat page) and /v1", file=sys.stderr)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
 

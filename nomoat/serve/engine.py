@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nomoat.generate import GREEDY_BELOW, sample_next
+from nomoat.generate import GREEDY_BELOW, decode_step, sample_next
 from nomoat.model import KVCache, Transformer
 from nomoat.serve.metrics import Metrics
 from nomoat.tokenizer import DecodeStream, StopStream, Tokenizer
@@ -85,10 +85,12 @@ class Engine:
         max_context: int = 4096,
         prefill_tokens: int = 2048,
         metrics: Metrics | None = None,
+        compile: bool = True,
     ) -> None:
         """max_context caps the tokens per sequence below the model's own context when that is long: the cache
         holds max_batch x max_context positions per layer (Llama 3's 131,072 would need tens of GB)."""
         self.model = model.eval()
+        self.step = decode_step(self.model) if compile else self.model  # generate.py's compiled decode step
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.max_len = min(model.cfg.max_seq_len, max_context)
@@ -102,6 +104,15 @@ class Engine:
         self.wake = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
+
+    @torch.no_grad()
+    def warm_up(self) -> float:
+        """Compile the decode step for one live row and for several, before any request waits on it; seconds."""
+        start = time.perf_counter()
+        for rows in (1, 2):
+            self.step(torch.zeros((rows, 1), dtype=torch.long, device=self.device), self.cache.narrow(rows, 2))
+        self.cache.pos.zero_()
+        return time.perf_counter() - start
 
     # --- called from other threads ---
 
@@ -232,7 +243,7 @@ class Engine:
             tokens[seq.slot, 0] = seq.last
             positions[seq.slot] = seq.pos
         self.cache.pos[:rows] = positions
-        logits = self.model(tokens.to(self.device), cache=self.cache.narrow(rows, length))[:, -1]  # (rows, V)
+        logits = self.step(tokens.to(self.device), self.cache.narrow(rows, length))[:, -1]  # (rows, V)
         for seq in live:
             seq.pos += 1
         self._sample(live, logits[[s.slot for s in live]])
