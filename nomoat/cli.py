@@ -60,7 +60,8 @@ def _load(args: argparse.Namespace) -> Any:
     """The MODEL (and --adapter) of a command, through the one loader."""
     from nomoat.load import load_model
 
-    return load_model(args.model, adapter=args.adapter, device=getattr(args, "device", "cpu"))
+    device, quantize = getattr(args, "device", "cpu"), getattr(args, "quantize", None)
+    return load_model(args.model, adapter=args.adapter, device=device, quantize=quantize)
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -194,12 +195,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from nomoat.generate import generate_text
+    from nomoat.generate import generate_text, speeds
 
     ckpt = _load(args)
     pieces = []
     sampling = _fields(args, "max_new_tokens", "temperature", "top_k", "top_p", "seed", "compile")
-    stream = generate_text(ckpt.model, ckpt.tokenizer, args.prompt, stop=args.stop or (), **sampling)
+    stats: dict[str, float] = {}
+    stream = generate_text(ckpt.model, ckpt.tokenizer, args.prompt, stop=args.stop or (), stats=stats, **sampling)
     if not args.json:
         print(args.prompt, end="", flush=True)
     start = time.perf_counter()
@@ -210,7 +212,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     text = "".join(pieces)
     if args.json:
-        _print_json({"text": text, "tokens": len(ckpt.tokenizer.encode(text)), "seconds": seconds})
+        _print_json({"text": text, "tokens": len(ckpt.tokenizer.encode(text)), "seconds": seconds, **speeds(stats)})
     else:
         print()
 
@@ -362,6 +364,7 @@ def _model_args(p: argparse.ArgumentParser, optional: bool = False, device: bool
     p.add_argument("--adapter", help="a LoRA adapter folder (ours or PEFT's) to apply to MODEL")
     if device:
         p.add_argument("--device", default="cpu")
+        p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only int8/int4 for inference (CPU)")
 
 
 def _add_data_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
@@ -431,7 +434,8 @@ def _add_inference_commands(add: Callable[..., argparse.ArgumentParser]) -> None
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", metavar="STR", help="end the text before this string (repeatable)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step: ~10 s once, then faster")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the decode step (~5 s once, then faster); default: from 64 new tokens on")  # fmt: skip
     p.set_defaults(func=cmd_generate)
 
     p = add("serve", "an OpenAI-compatible API with continuous batching, and a chat page at /")

@@ -114,21 +114,22 @@ def generate_tokens(
     seed: int | None = None,
     eos_id: int | None = None,
     compile: bool | None = None,
+    stats: dict[str, float] | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time; stops at eos_id (not yielded), max_new_tokens or a full context.
 
     compile runs the decode steps through DecodeStep (seconds of compiling, once per model and process); None
     does when the model's step exists already or at least AUTO_COMPILE_TOKENS are asked for. The prompt is
-    always run eagerly.
+    always run eagerly. stats, if given, is filled as tokens come: prefill_seconds, first_token_seconds,
+    decode_seconds and decode_steps (model time only, not the consumer's), and compile_seconds (the first
+    compiled step of a process, kept out of the decode rate).
     """
+    _check(model, prompt, max_new_tokens)
     max_len = model.cfg.max_seq_len
-    if not prompt:
-        raise UserError("the prompt is empty: give at least one token")
-    if len(prompt) >= max_len:
-        raise UserError(f"the prompt has {len(prompt)} tokens; the model's context is {max_len}")
-    if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
-    device = model.embed_tokens.weight.device
+    stats = {} if stats is None else stats
+    stats.update(prompt_tokens=len(prompt), decode_seconds=0.0, decode_steps=0, compile_seconds=0.0)
+    start = time.perf_counter()
+    device = model.device
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
@@ -136,18 +137,48 @@ def generate_tokens(
         generator.manual_seed(seed)
     model.eval()
     n_new = min(max_new_tokens, max_len - len(prompt))
-    cache = KVCache(model.cfg, 1, len(prompt) + n_new, device=device, dtype=model.embed_tokens.weight.dtype)
+    cache = KVCache(model.cfg, 1, len(prompt) + n_new, device=device, dtype=model.dtype)
     logits = model(torch.tensor([list(prompt)], device=device), cache=cache)[0, -1]
+    stats["prefill_seconds"] = time.perf_counter() - start
     if compile is None:
         compile = model in _STEPS or max_new_tokens >= AUTO_COMPILE_TOKENS
+    compiling = compile and n_new > 1 and model not in _STEPS
     step = decode_step(model) if compile and n_new > 1 else model
     for i in range(n_new):
         token = sample_next(logits, temperature, top_k, top_p, generator)
+        stats.setdefault("first_token_seconds", time.perf_counter() - start)
         if token == eos_id:
             return
         yield token
         if i + 1 < n_new:
+            t = time.perf_counter()
             logits = step(torch.tensor([[token]], device=device), cache)[0, -1]
+            if compiling:
+                stats["compile_seconds"], compiling = time.perf_counter() - t, False
+            else:
+                stats["decode_seconds"] += time.perf_counter() - t
+                stats["decode_steps"] += 1
+
+
+def _check(model: Transformer, prompt: Sequence[int], max_new_tokens: int) -> None:
+    max_len = model.cfg.max_seq_len
+    if not prompt:
+        raise UserError("the prompt is empty: give at least one token")
+    if len(prompt) >= max_len:
+        raise UserError(f"the prompt has {len(prompt)} tokens; the model's context is {max_len}")
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
+
+
+def speeds(stats: dict[str, float]) -> dict[str, float | None]:
+    """generate_tokens' stats as the rates `generate --json` reports (None where there was nothing to time)."""
+    prefill, steps, decode = stats.get("prefill_seconds"), stats.get("decode_steps", 0), stats.get("decode_seconds")
+    return {
+        "prefill_tokens_per_s": stats["prompt_tokens"] / prefill if prefill else None,
+        "decode_tokens_per_s": steps / decode if steps and decode else None,
+        "first_token_seconds": stats.get("first_token_seconds"),
+        "compile_seconds": stats.get("compile_seconds", 0.0),
+    }
 
 
 def generate_text(

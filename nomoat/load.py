@@ -19,7 +19,7 @@ from nomoat.config import FinetuneConfig, RunConfig, from_dict, read_toml
 from nomoat.convert.hf import load_hf
 from nomoat.errors import UserError
 from nomoat.lora import ADAPTER_CONFIG, load_adapter, merge_lora
-from nomoat.quant import dequantize_model, quantize_model
+from nomoat.quant import WEIGHT_BITS, dequantize_model, quantize_model, quantize_weights
 from nomoat.tokenizer import Tokenizer
 
 Kind = Literal["hf", "gguf", "adapter", "nomoat"]
@@ -69,13 +69,22 @@ def load_model(
     adapter: str | Path | None = None,
     device: str | torch.device = "cpu",
     trainer_state: bool = False,
+    quantize: str | None = None,
 ) -> Checkpoint:
     """Any MODEL a user holds, plus an optional LoRA adapter folder, merged for inference.
 
     A LoRA fine-tuning checkpoint loads its recorded base and applies itself; an adapter trained over a 4-bit
     base is applied to that base quantized the same way, as it was trained, and then dequantized. On device
     "meta" a checkpoint or Hugging Face folder reads no weights (the model is a skeleton, `weights` streams
-    them, for exports); a GGUF file or anything with an adapter loads on the CPU instead."""
+    them, for exports); a GGUF file or anything with an adapter loads on the CPU instead. quantize ("int8",
+    "int4") makes the weights int8/int4 for inference (quant.quantize_weights), after any adapter is merged."""
+    if quantize is not None:
+        if quantize not in WEIGHT_BITS:
+            raise UserError(f"--quantize {quantize!r}: choose from {', '.join(WEIGHT_BITS)}")
+        if torch.device(device).type != "cpu":
+            raise UserError(f"--quantize {quantize} uses PyTorch's CPU kernels: give --device cpu")
+        ckpt = load_model(path, adapter=adapter, device=device, trainer_state=trainer_state)
+        return dataclasses.replace(ckpt, model=quantize_weights(ckpt.model.float().eval(), quantize))
     folder = model_folder(path)
     tokenizer = None
     if adapter is None and model_kind(folder) == "adapter":

@@ -327,6 +327,16 @@ class Transformer(nn.Module):
         x = self.norm(x)
         return x if hidden else self.lm_head(x)  # (B, T, C) or (B, T, V)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (read from the final norm, which is never quantized)."""
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of its activations and KV cache."""
+        return self.norm.weight.dtype
+
     def fuse(self) -> Transformer:
         """Join each block's q/k/v and gate/up projections into one matrix each, for inference: a decode step
         then makes 4 matrix-vector products per block instead of 7. Projections wrapped by LoRA or stored in

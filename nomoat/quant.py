@@ -3,7 +3,16 @@
 Blockwise: each block of 64 weights keeps its absolute maximum, and each weight the nearest of 16 levels spaced
 as quantiles of a normal distribution. Double quantization stores those absmax values in 8 bits too, per block
 of 256 around their mean. `NF4Linear` is a frozen nn.Linear replacement that dequantizes on the fly and again
-in backward, so no full-precision copy of the weight outlives a layer's call. Not here: LoRA (lora.py).
+in backward, so no full-precision copy of the weight outlives a layer's call.
+
+Weight-only int8 and int4 for inference (`--quantize`), through PyTorch's own CPU kernels: int8 with one scale
+per output row (`_weight_int8pack_mm`), int4 with a scale and offset per group of 32 inputs, as llama.cpp's Q4
+types group them (`_weight_int4pack_mm_for_cpu`). Both kernels are fast only with bf16 activations (with fp32
+they run 10-20x slower here), so a product casts its input to bf16 and its output back. They are built for few
+rows (a decode step); a prefill of 128 tokens runs about 2x slower than fp32's matmul, but every row is computed
+alike whatever the batch, so a served answer does not depend on who else is in it. The
+token table and output head are int8 in both modes (the head is the largest single read of a decode step).
+Not here: LoRA (lora.py).
 """
 
 from __future__ import annotations
@@ -151,3 +160,92 @@ def dequantize_model(model: nn.Module) -> None:
             linear.bias.data = m.bias.detach().float()
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, linear)
+
+
+# ---- weight-only int8 / int4 for inference ----
+
+GROUP = 32  # int4: inputs per scale and offset
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.size(-1))
+
+
+class Int8Linear(nn.Module):
+    """A frozen nn.Linear as int8 weights with one bf16 scale per output row (symmetric, absmax / 127)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if scales is None:  # weight is float: quantize it; else it is int8 already, with its scales
+            w = weight.detach().float()
+            scales = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+            weight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("weight_int8", weight)
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(_rows(x).to(torch.bfloat16), self.weight_int8, self.scales)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+class Int4Linear(nn.Module):
+    """A frozen nn.Linear as 4-bit weights, each group of GROUP inputs with its bf16 scale and offset (min-max,
+    asymmetric), packed in the layout `_weight_int4pack_mm_for_cpu` reads."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        n, k = w.shape
+        groups = w.reshape(n, k // GROUP, GROUP)
+        low = groups.amin(-1)
+        scale = ((groups.amax(-1) - low) / 15).clamp_min(torch.finfo(torch.float32).tiny)
+        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1))
+        # the kernel computes (q - 8) * scale + offset: the offset is the value of code 8
+        pairs = torch.stack([scale, low + 8 * scale], -1).transpose(0, 1)  # (k / GROUP, n, 2)
+        self.register_buffer("scales_and_zeros", pairs.contiguous().to(torch.bfloat16))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.in_features, self.out_features = k, n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int4pack_mm_for_cpu(_rows(x).to(torch.bfloat16), self.packed, GROUP, self.scales_and_zeros)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+class Int8Embedding(nn.Module):
+    """A token table as int8 rows with a scale each; its buffers also serve a tied output head (Int8Linear)."""
+
+    def __init__(self, head: Int8Linear) -> None:
+        super().__init__()
+        self.head = head  # owns weight_int8 and scales; registered here too, so a tied head is one copy
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(idx, self.head.weight_int8).float()
+        return rows * self.head.scales[idx].float()[..., None]
+
+
+WEIGHT_BITS = ("int8", "int4")
+
+
+@torch.no_grad()
+def quantize_weights(model: nn.Module, bits: str) -> nn.Module:
+    """The model (a Transformer, fused first) with every block projection in int8 or int4 and its token table
+    and output head in int8, in place; each full-precision weight is let go as its replacement is made.
+    Projections whose inputs do not split into groups of 32 stay int8 under int4."""
+    if bits not in WEIGHT_BITS:
+        raise ValueError(f"unknown weight quantization {bits!r} (choose from {', '.join(WEIGHT_BITS)})")
+    model.fuse()
+    for block in model.layers:
+        for owner in (block.self_attn, block.mlp):
+            for name, child in list(owner.named_children()):
+                if type(child) is nn.Linear:
+                    use4 = bits == "int4" and child.in_features % GROUP == 0
+                    setattr(owner, name, Int4Linear(child) if use4 else Int8Linear(child.weight, child.bias))
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    head = Int8Linear(model.lm_head.weight, None)
+    table = head if tied else Int8Linear(model.embed_tokens.weight, None)
+    model.lm_head, model.embed_tokens = head, Int8Embedding(table)
+    return model

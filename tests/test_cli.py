@@ -82,8 +82,16 @@ def test_the_whole_loop_through_the_cli(tmp_path):
         )
     )
     assert isinstance(sample["text"], str) and sample["tokens"] > 0
+    assert sample["prefill_tokens_per_s"] > 0 and sample["decode_tokens_per_s"] > 0
+    assert sample["first_token_seconds"] > 0
     scored = last_json(nomoat("eval", str(tmp_path / "run"), "--shards", str(tmp_path / "shards"), "--json"))
     assert scored["val_bpb"] == pytest.approx(trained["val_bpb"], rel=0.2)
+    int8 = last_json(nomoat("eval", str(tmp_path / "run"), "--shards", str(tmp_path / "shards"), "--quantize", "int8",
+                            "--json"))  # fmt: skip
+    assert int8["val_bpb"] == pytest.approx(scored["val_bpb"], rel=0.01)
+    quick = last_json(nomoat("generate", str(tmp_path / "run"), "--prompt", "ROMEO:", "--max-new-tokens", "8",
+                             "--quantize", "int8", "--compile", "--json"))  # fmt: skip
+    assert quick["compile_seconds"] > 0 and quick["decode_tokens_per_s"] > 0
 
 
 def test_bad_input_gets_one_line_and_status_2(shakespeare_shards, tmp_path):

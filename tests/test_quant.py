@@ -71,3 +71,79 @@ def test_quantize_model_is_reversible_to_the_dequantized_weights() -> None:
     dequantize_model(model)
     assert not any(isinstance(m, NF4Linear) for m in model.modules())
     torch.testing.assert_close(model(x), got)
+
+
+# ---- weight-only int8 / int4 for inference ----
+
+
+def _tiny(**switches):
+    from nomoat.config import ModelConfig
+    from nomoat.model import Transformer
+
+    cfg = ModelConfig(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128, max_seq_len=64,
+                      **switches)  # fmt: skip
+    torch.manual_seed(0)
+    return Transformer(cfg).eval()
+
+
+LLAMA = {"norm": "rmsnorm", "mlp": "swiglu", "pos_emb": "rope", "bias": False, "init": "normal"}
+
+
+def test_int8_and_int4_linear_against_their_dequantized_weights() -> None:
+    """Each layer computes x @ W'^T for its own dequantized W' (up to bf16 activations), and W' is as close to W
+    as the format allows: int8 per row, int4 per group of 32 (min-max)."""
+    from nomoat.quant import GROUP, Int4Linear, Int8Linear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 80)
+    w, x = lin.weight.detach(), torch.randn(5, 96)
+    q8 = Int8Linear(lin.weight, lin.bias)
+    w8 = q8.weight_int8.float() * q8.scales.float()[:, None]
+    g = w.reshape(80, -1, GROUP)
+    low, step = g.amin(-1, keepdim=True), (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / 15
+    w4 = (torch.round((g - low) / step).clamp(0, 15) * step + low).reshape(80, 96)
+    for q, wq, weight_err in ((q8, w8, 0.01), (Int4Linear(lin), w4, 0.1)):
+        ref = x @ wq.t() + lin.bias.detach()
+        assert ((q(x) - ref).norm() / ref.norm()) < 0.01
+        assert ((wq - w).norm() / w.norm()) < weight_err
+        assert q(x[None]).shape == (1, 5, 80)
+
+
+def test_quantized_model_is_close_small_and_decodes_alike_in_every_path() -> None:
+    """Logits near fp32's; int8 weights take at most 0.35x fp32's bytes and int4 0.22x (token table and head
+    int8, shared when tied); the compiled step and a batch give the eager one-row tokens."""
+    from nomoat.generate import generate_tokens
+    from nomoat.model import KVCache
+    from nomoat.quant import Int8Embedding, quantize_weights
+
+    idx = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(1))
+    for bits, tol, size in (("int8", 0.03, 0.35), ("int4", 0.25, 0.22)):
+        model = _tiny(**LLAMA)
+        fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+        with torch.no_grad():
+            ref = model(idx)
+            quantize_weights(model, bits)
+            out = model(idx)
+        assert ((out - ref).norm() / ref.norm()) < tol, bits
+        assert isinstance(model.embed_tokens, Int8Embedding) and model.embed_tokens.head is model.lm_head
+        stored = {t.data_ptr(): t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())}
+        rope = sum(t.numel() * t.element_size() for t in (model.rope_cos, model.rope_sin))
+        assert (sum(stored.values()) - rope) / fp32_bytes <= size, bits
+        eager = list(generate_tokens(model, [3, 4, 5], 12, temperature=0, compile=False))
+        assert list(generate_tokens(model, [3, 4, 5], 12, temperature=0, compile=True)) == eager
+        with torch.no_grad():  # the same prompt in a batch of three rows: the same next-token logits
+            cache = KVCache(model.cfg, 3, 8)
+            batch = model(torch.tensor([[3, 4, 5]] * 3), cache=cache)[:, -1]
+            torch.testing.assert_close(batch, model(torch.tensor([[3, 4, 5]]))[:, -1].expand(3, -1))
+
+
+def test_untied_gpt2_quantizes_too() -> None:
+    from nomoat.quant import quantize_weights
+
+    model = _tiny(tie_embeddings=False)
+    idx = torch.randint(0, 320, (1, 16))
+    with torch.no_grad():
+        ref = model(idx)
+        out = quantize_weights(model, "int8")(idx)
+    assert ((out - ref).norm() / ref.norm()) < 0.03
+    assert model.embed_tokens.head is not model.lm_head

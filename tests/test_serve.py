@@ -236,6 +236,19 @@ def test_max_context_caps_a_long_model_context(tokenizer):
 def test_32_concurrent_streams_equal_each_alone(server):
     """Answers do not depend on who else is in the batch, nor on joining mid-flight (8 slots, 32 clients): greedy
     ones, and seeded samples, each row with its own temperature, top_p and generator."""
+    assert_concurrent_equal_alone(server)
+
+
+def test_32_concurrent_streams_equal_each_alone_with_int8_weights(tokenizer):
+    """The same with `--quantize int8`: the packed kernel computes each row alike whatever the batch."""
+    from nomoat.quant import quantize_weights
+
+    model = quantize_weights(tiny_model(), "int8")
+    for server in start(build_app(model, tokenizer, NAME, ServeConfig(max_batch=8, max_queue=64))):
+        assert_concurrent_equal_alone(server)
+
+
+def assert_concurrent_equal_alone(server: Server) -> None:
     prompts = [f"{w} {i}:" * (1 + i % 4) for i, w in enumerate(["ROMEO", "JULIET", "KING", "NURSE"] * 8)]
     settings = [
         {"max_tokens": 4 + (i * 7) % 25, "temperature": 0.0}

@@ -35,7 +35,7 @@ def score_requests(
     forward. When context + continuation exceed the window (default: the model's context), the input is cut from
     the left as the harness does: (context + continuation)[-(window + 1):][:-1]."""
     window = min(window or model.cfg.max_seq_len, model.cfg.max_seq_len)
-    device = model.embed_tokens.weight.device
+    device = model.device
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, cont) in enumerate(requests):
         if not ctx or not cont:
@@ -94,7 +94,7 @@ def _score_groups(
     batch = torch.zeros(len(contexts), n_ctx, dtype=torch.long)
     for g, ctx in enumerate(contexts):
         batch[g, : len(ctx)] = torch.tensor(ctx)
-    prefix = KVCache(model.cfg, len(contexts), n_ctx, device=device, dtype=model.embed_tokens.weight.dtype)
+    prefix = KVCache(model.cfg, len(contexts), n_ctx, device=device, dtype=model.dtype)
     hidden = model(batch.to(device), cache=prefix, hidden=True)  # (G, n_ctx, C)
     rows = [(g, cont) for g, group in enumerate(conts) for cont in group]
     scores: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
@@ -181,7 +181,7 @@ def rolling_nll(
     batch_size: int = 4,
 ) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) and count of positions 1..n-1 of a sequence read(start, end)."""
-    device = model.embed_tokens.weight.device
+    device = model.device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

@@ -95,10 +95,9 @@ class Engine:
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.max_len = min(model.cfg.max_seq_len, max_context)
         self.metrics = metrics or Metrics()
-        weight = model.embed_tokens.weight
-        self.device = weight.device
-        self.cache = KVCache(model.cfg, max_batch, self.max_len, device=weight.device, dtype=weight.dtype)
-        self.cache.pos = torch.zeros(max_batch, dtype=torch.long, device=weight.device)
+        self.device = model.device
+        self.cache = KVCache(model.cfg, max_batch, self.max_len, device=model.device, dtype=model.dtype)
+        self.cache.pos = torch.zeros(max_batch, dtype=torch.long, device=model.device)
         self.slots: list[Generation | None] = [None] * max_batch
         self.waiting: deque[Generation] = deque()
         self.wake = threading.Condition()
