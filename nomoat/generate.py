@@ -96,13 +96,6 @@ def decode_step(model: Transformer) -> DecodeStep:
     return _STEPS[model]
 
 
-def warm_up(model: Transformer) -> float:
-    """Compile the model's decode step now (long-lived commands do, so that no request waits); its seconds."""
-    start = time.perf_counter()
-    list(generate_tokens(model, [0], 2, temperature=0, compile=True))
-    return time.perf_counter() - start
-
-
 @torch.no_grad()
 def generate_tokens(
     model: Transformer,

@@ -306,14 +306,13 @@ def pre_tokenizer(tok: Tokenizer, spec: dict[str, Any] | None = None) -> str:
     )
 
 
-def _tokens(tok: Tokenizer, n_vocab: int, spm: bool = False) -> tuple[list[str], list[int]]:
+def _tokens(tok: Tokenizer, n_vocab: int, spm: bool = False, unk: str | None = None) -> tuple[list[str], list[int]]:
     """Token strings and types for ids 0..n_vocab-1 (get_vocab_base): holes become [PADi] UNUSED; in a
     SentencePiece-style vocabulary <0xXX> pieces are BYTE and the model's unk token UNKNOWN."""
     by_id = {i: t for t, i in tok.hf.get_vocab(with_added_tokens=True).items()}
     if by_id and max(by_id) >= n_vocab:
         raise UserError(f"tokenizer has token id {max(by_id)} but the model's vocabulary is {n_vocab}")
     added = tok.hf.get_added_tokens_decoder()
-    unk = json.loads(tok.hf.to_str())["model"].get("unk_token") if spm else None
     tokens, types = [], []
     for i in range(n_vocab):
         text = by_id.get(i)
@@ -409,7 +408,7 @@ def _special_ids(tok: Tokenizer, spec: dict[str, Any], folder: Path) -> tuple[in
 def _add_vocab(writer: gguf.GGUFWriter, tok: Tokenizer, n_vocab: int, folder: Path) -> None:
     spec = json.loads(tok.hf.to_str())  # tokenizer.json as a dict: model, merges, pre-tokenizer, post-processor
     prefix = _spm_prefix(spec)
-    tokens, types = _tokens(tok, n_vocab, spm=prefix is not None)
+    tokens, types = _tokens(tok, n_vocab, spm=prefix is not None, unk=spec["model"].get("unk_token"))
     if prefix is None:
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre_tokenizer(tok, spec))
