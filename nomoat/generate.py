@@ -62,28 +62,48 @@ class DecodeStep:
     block instead of 7) and each block is compiled, the products staying MKL's (Inductor's own row products read
     the weights slower). Blocks never read their own index, so one compiled graph serves every block: the
     compile is one block's, not the model's. Cache length and batch are marked dynamic, so no request compiles
-    again. Prefill (many tokens) stays eager, where the products dominate."""
+    again. The final norm and output head are compiled too (a quantized head then streams its int8 rows in one
+    loop). Full-precision weights are kept column-major (Transformer.transpose_weights), which MKL streams
+    faster for one row. Prefill (many tokens) stays eager, where the products dominate."""
 
     def __init__(self, model: Transformer) -> None:
-        self.model = model.fuse()
+        self.model = model.fuse().transpose_weights()
         self.blocks = [_batch_dynamic(torch.compile(block, dynamic=False)) for block in model.layers]
+        self.head = _batch_dynamic(torch.compile(_head(model), dynamic=False))
 
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         for t in (*cache.k, *cache.v):  # cheap (an attribute on the tensor): lengths and batch sizes vary
             torch._dynamo.maybe_mark_dynamic(t, 0)
             torch._dynamo.maybe_mark_dynamic(t, 2)
-        return self.model(idx, cache=cache, blocks=self.blocks)
+        return self.model(idx, cache=cache, blocks=self.blocks, head=self.head)
 
 
-def _batch_dynamic(block: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """block, called with its inputs' batch marked dynamic: one graph for every batch of more than one row."""
+def _head(model: Transformer) -> Callable[[torch.Tensor], torch.Tensor]:
+    def head(x: torch.Tensor) -> torch.Tensor:
+        return model.lm_head(model.norm(x))
 
-    def call(x: torch.Tensor, rope: tuple[torch.Tensor, ...] | None, cache: Any, pos: torch.Tensor, mask: None) -> Any:
-        for t in (x, pos, *(rope or ())):
+    return head
+
+
+def _batch_dynamic(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """fn (a block, or the head), called with its inputs' batch marked dynamic: one graph for every batch of more
+    than one row."""
+
+    def call(x: torch.Tensor, *args: Any) -> Any:
+        for t in (x, *_tensors(args)):
             torch._dynamo.maybe_mark_dynamic(t, 0)
-        return block(x, rope, cache, pos, mask)
+        return fn(x, *args)
 
     return call
+
+
+def _tensors(args: Sequence[Any]) -> Iterator[torch.Tensor]:
+    """A block's batch-led tensor arguments: the rope tables and positions (not the cache, marked per step)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, tuple):
+            yield from a
 
 
 _STEPS: weakref.WeakKeyDictionary[Transformer, DecodeStep] = weakref.WeakKeyDictionary()
@@ -151,6 +171,16 @@ def generate_tokens(
             else:
                 stats["decode_seconds"] += time.perf_counter() - t
                 stats["decode_steps"] += 1
+
+
+@torch.no_grad()
+def warm_up(model: Transformer) -> float:
+    """Compile the model's batch-1 decode step now, once per process; returns the seconds it took (chat runs it
+    while the user types the first message)."""
+    start = time.perf_counter()
+    cache = KVCache(model.cfg, 1, 2, device=model.device, dtype=model.dtype)
+    decode_step(model.eval())(torch.zeros((1, 1), dtype=torch.long, device=model.device), cache)
+    return time.perf_counter() - start
 
 
 def _check(model: Transformer, prompt: Sequence[int], max_new_tokens: int) -> None:

@@ -290,6 +290,7 @@ class Transformer(nn.Module):
         segments: torch.Tensor | None = None,
         hidden: bool = False,
         blocks: Sequence[Callable[..., torch.Tensor]] | None = None,
+        head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, V). With a cache, idx continues the cached sequence; the caller keeps
         it within cache.max_len (reading cache.pos back to check would stall every step on a device sync).
@@ -298,7 +299,8 @@ class Transformer(nn.Module):
         packed into each row (runs of equal ids): a token attends only within its own sample, whose positions
         start again at 0, so a packed row computes exactly what its samples would alone. hidden returns the final
         normed states (B, T, C) instead of logits, for callers that apply lm_head only where they score. blocks
-        run in place of self.layers, each called as a block is: generate.py's compiled decode step."""
+        run in place of self.layers, each called as a block is, and head in place of the final norm and lm_head:
+        generate.py's compiled decode step."""
         B, T = idx.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -324,6 +326,8 @@ class Transformer(nn.Module):
             cache.pos += T
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
+        if head is not None:
+            return head(x)
         x = self.norm(x)
         return x if hidden else self.lm_head(x)  # (B, T, C) or (B, T, V)
 
@@ -344,6 +348,20 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.self_attn.fuse()
             block.mlp.fuse()
+        return self
+
+    @torch.no_grad()
+    def transpose_weights(self) -> Transformer:
+        """Keep each full-precision projection's weight, and the output head's, in column-major memory (stored
+        (in, out), seen as the usual (out, in)): MKL then runs a one-row product as x @ W, streaming the weights
+        faster than as one dot product per output row (measured 17-35% on a decode step here). Values, names
+        and shapes stay; only the strides change, so it is for inference (safetensors saves contiguous tensors).
+        """
+        linears = [m for m in self.modules() if type(m) is nn.Linear and m.weight.is_contiguous()]
+        for m in linears:
+            m.weight = nn.Parameter(m.weight.t().contiguous().t(), requires_grad=False)
+        if self.cfg.tie_embeddings and type(self.lm_head) is nn.Linear:  # the table is the head's rows, shared
+            self.embed_tokens.weight = self.lm_head.weight
         return self
 
     def num_params(self, non_embedding: bool = False) -> int:

@@ -173,3 +173,19 @@ def test_fused_projections_compute_the_same(name):
     lora = build(name)
     add_lora(lora, rank=2, alpha=4, targets=("q_proj",))
     assert lora.fuse().layers[0].self_attn.qkv_proj is None
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_column_major_weights_compute_the_same(name):
+    """transpose_weights() changes only strides: same logits and parameter count, every plain projection and the
+    head column-major, and a tied table still the head's own tensor."""
+    model = build(name)
+    idx = torch.randint(0, ARCHS[name].vocab_size, (2, 12))
+    with torch.no_grad():
+        before, n = model(idx), model.num_params()
+        model.fuse().transpose_weights()
+        torch.testing.assert_close(model(idx), before, rtol=1e-5, atol=1e-5)
+    assert model.num_params() == n
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.t().is_contiguous() for m in linears)
+    assert (model.embed_tokens.weight is model.lm_head.weight) == ARCHS[name].tie_embeddings
