@@ -32,6 +32,7 @@ from nomoat.distributed import ONE_PROCESS, World, barrier
 from nomoat.errors import UserError
 from nomoat.files import fsync_tree, replace_folder
 from nomoat.model import Transformer, rope_tables
+from nomoat.quant import load_quantized_state
 from nomoat.tokenizer import Tokenizer
 
 PREFIX = "step_"
@@ -289,9 +290,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", traine
         groups: WeightGroups = lambda meta: safetensors_groups([file], meta)  # noqa: E731
     else:  # a sharded run's checkpoint: gather the shards in this one process
         groups = lambda meta: _state_groups(folder, meta)  # noqa: E731
-    lazy = torch.device(device).type == "meta"
-    weights = {k: v for group in groups(lazy) for k, v in group.items()}
-    model = build_model(cfg.model, weights, str(file)).to(device)
+    lazy = torch.device(device).type == "meta" and cfg.model.quantize is None
+    if cfg.model.quantize is not None:  # int8/int4 as stored, on the CPU also for "meta": nothing to stream
+        if torch.device(device).type not in ("cpu", "meta"):
+            raise UserError(f"{folder}: holds {cfg.model.quantize} weights, run by CPU kernels: give --device cpu")
+        model = build_quantized(cfg.model, {k: v for group in groups(False) for k, v in group.items()}, str(file))
+    else:
+        weights = {k: v for group in groups(lazy) for k, v in group.items()}
+        model = build_model(cfg.model, weights, str(file)).to(device)
     tokenizer = Tokenizer.load(folder / "tokenizer.json")
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(
@@ -369,6 +375,14 @@ def _state_groups(folder: Path, meta: bool) -> Iterator[dict[str, torch.Tensor]]
             yield {n: torch.empty(s, dtype=d, device="meta") for n, (s, d) in layers[layer].items()}
         else:
             yield {n: _read_state_tensor(folder, n, s, d) for n, (s, d) in layers[layer].items()}
+
+
+def build_quantized(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str) -> Transformer:
+    """A model of the int8/int4 weights a quantized checkpoint stores (quant.quantized_state), made from them as
+    they are: the skeleton is built on the meta device, so no full-precision projection ever exists."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return load_quantized_state(model, state, where)
 
 
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str) -> Transformer:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -169,16 +170,23 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from nomoat.chat import stream_reply
+    from nomoat.generate import AUTO_COMPILE_TOKENS, warm_up
 
     ckpt = _load(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: an empty line or Ctrl-D ends, /reset forgets the conversation", file=sys.stderr)
+    # the decode step compiles while the first message is typed, so that the first reply does not wait for it
+    warming = threading.Thread(target=warm_up, args=(ckpt.model,), daemon=True)
+    if args.max_new_tokens >= AUTO_COMPILE_TOKENS:
+        warming.start()
     while True:
         try:
             line = input("> ").strip()
         except EOFError:
+            line = ""
             print()
-            return
+        if warming.is_alive():  # also before leaving: a compile is not cut off half-way
+            warming.join()
         if not line:
             return
         if line == "/reset":
@@ -307,6 +315,13 @@ def cmd_convert_from_gguf(args: argparse.Namespace) -> None:
     from nomoat.convert.gguf_read import from_gguf
 
     print(f"wrote nomoat checkpoint {from_gguf(args.gguf_file, args.out)}", file=sys.stderr)
+
+
+def cmd_convert_quantize(args: argparse.Namespace) -> None:
+    from nomoat.convert.quantized import save_quantized
+
+    out = save_quantized(_load(args), args.out)
+    print(f"wrote {args.quantize} checkpoint {out}", file=sys.stderr)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -499,6 +514,11 @@ def _add_model_file_commands(sub: Any, add: Callable[..., argparse.ArgumentParse
     p.add_argument("gguf_file", help="a .gguf file of a llama, qwen2, gpt2 or gptneox model")
     p.add_argument("out", help="checkpoint folder to write")
     p.set_defaults(func=cmd_convert_from_gguf)
+    p = add("quantize", "write a model as an int8 or int4 checkpoint, which loads as such (CPU inference)", convert)
+    _model_args(p, device=False)
+    p.add_argument("out", help="checkpoint folder to write")
+    p.add_argument("--quantize", required=True, choices=["int8", "int4"], help="weight-only int8 or int4")
+    p.set_defaults(func=cmd_convert_quantize)
 
     p = add("info", "a model's lineage: size, tokenizer, base model, data sources with licences and hashes")
     p.add_argument("model", help="checkpoint folder, run folder or Hugging Face folder")

@@ -56,6 +56,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     init: Literal["gpt2", "neox", "normal"] = "gpt2"
     init_std: float = 0.02
+    # Weight-only int8/int4 for inference that a checkpoint holds (`nomoat convert quantize`); None: float weights
+    quantize: Literal["int8", "int4"] | None = None
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_seq_len")

@@ -151,7 +151,8 @@ def generate_tokens(
     model.eval()
     n_new = min(max_new_tokens, max_len - len(prompt))
     cache = KVCache(model.cfg, 1, len(prompt) + n_new, device=device, dtype=model.dtype)
-    logits = model(torch.tensor([list(prompt)], device=device), cache=cache)[0, -1]
+    last = torch.tensor([len(prompt) - 1], device=device)  # only the last position's logits are wanted
+    logits = model(torch.tensor([list(prompt)], device=device), cache=cache, logits_at=last)[0, -1]
     stats["prefill_seconds"] = time.perf_counter() - start
     if compile is None:
         compile = model in _STEPS or max_new_tokens >= AUTO_COMPILE_TOKENS

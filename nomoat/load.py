@@ -19,7 +19,7 @@ from nomoat.config import FinetuneConfig, RunConfig, from_dict, read_toml
 from nomoat.convert.hf import load_hf
 from nomoat.errors import UserError
 from nomoat.lora import ADAPTER_CONFIG, load_adapter, merge_lora
-from nomoat.quant import WEIGHT_BITS, dequantize_model, quantize_model, quantize_weights
+from nomoat.quant import WEIGHT_BITS, dequantize_model, quantize_model, quantize_streamed, quantize_weights
 from nomoat.tokenizer import Tokenizer
 
 Kind = Literal["hf", "gguf", "adapter", "nomoat"]
@@ -77,14 +77,14 @@ def load_model(
     base is applied to that base quantized the same way, as it was trained, and then dequantized. On device
     "meta" a checkpoint or Hugging Face folder reads no weights (the model is a skeleton, `weights` streams
     them, for exports); a GGUF file or anything with an adapter loads on the CPU instead. quantize ("int8",
-    "int4") makes the weights int8/int4 for inference (quant.quantize_weights), after any adapter is merged."""
+    "int4") makes the weights int8/int4 for inference (quant.quantize_weights), after any adapter is merged; a
+    quantized checkpoint (`nomoat convert quantize`) loads as the int8/int4 it holds, and refuses another."""
     if quantize is not None:
         if quantize not in WEIGHT_BITS:
             raise UserError(f"--quantize {quantize!r}: choose from {', '.join(WEIGHT_BITS)}")
         if torch.device(device).type != "cpu":
             raise UserError(f"--quantize {quantize} uses PyTorch's CPU kernels: give --device cpu")
-        ckpt = load_model(path, adapter=adapter, device=device, trainer_state=trainer_state)
-        return dataclasses.replace(ckpt, model=quantize_weights(ckpt.model.float().eval(), quantize))
+        return _load_quantized(path, adapter, quantize, trainer_state)
     folder = model_folder(path)
     tokenizer = None
     if adapter is None and model_kind(folder) == "adapter":
@@ -103,10 +103,38 @@ def load_model(
             fc = tuned.finetune if tuned else None
     if adapter is None:
         return ckpt
+    if ckpt.cfg.model.quantize is not None:
+        raise UserError(f"{ckpt.path}: holds {ckpt.cfg.model.quantize} weights; apply the adapter to the float model")
     model = apply_adapter(ckpt.model, adapter, fc)
     merge_lora(model)
     dequantize_model(model)
     return dataclasses.replace(ckpt, model=model.eval(), tokenizer=tokenizer or ckpt.tokenizer)
+
+
+def _load_quantized(path: str | Path, adapter: str | Path | None, bits: str, trainer_state: bool) -> Checkpoint:
+    """The model with int8/int4 weights, never whole in fp32 where it can be helped: a quantized checkpoint as
+    it is stored; a checkpoint or Hugging Face folder a layer at a time as its weights stream in; a GGUF file a
+    tensor at a time, its Q4_0 blocks taken as they are. Only a model with an adapter is merged whole first."""
+    kind = model_kind(path)
+    if adapter is None and kind == "gguf":
+        from nomoat.convert.gguf_read import load_gguf  # the gguf package loads only for GGUF files
+
+        ckpt = load_gguf(path, quantize=bits)
+    else:
+        stream = adapter is None and kind in ("nomoat", "hf")
+        ckpt = load_model(path, adapter=adapter, device="meta" if stream else "cpu", trainer_state=trainer_state)
+        held = ckpt.cfg.model.quantize
+        if held is not None:
+            if held != bits:
+                raise UserError(f"{ckpt.path}: holds {held} weights, not {bits}; give --quantize {held} or none")
+            return ckpt
+        if ckpt.weights is not None:
+            model = quantize_streamed(ckpt.model, ckpt.weights(False), bits, where=str(ckpt.path))
+        else:
+            model = quantize_weights(ckpt.model.float().eval(), bits)
+        ckpt = dataclasses.replace(ckpt, model=model, weights=None)
+    cfg = dataclasses.replace(ckpt.cfg, model=dataclasses.replace(ckpt.cfg.model, quantize=bits))
+    return dataclasses.replace(ckpt, cfg=cfg)
 
 
 def _real(device: str | torch.device) -> str | torch.device:

@@ -343,3 +343,99 @@ def test_gguf_to_nomoat_to_gguf_gives_back_every_tensor_bit_for_bit(gguf_pair, t
     keys = [k for k in theirs.fields if k.startswith(("tokenizer.ggml.", f"{arch}."))]
     for key in keys:
         assert ours.fields[key].contents() == theirs.fields[key].contents(), (variant, key)
+
+
+# ---- Q8_0 and Q4_0 files loaded as int8 / int4, never whole in fp32 ----
+
+QUANT_VARIANTS = {  # the three layouts: LLaMA's permuted q/k, GPT-2's transposed fused qkv, NeoX's per-head qkv
+    "llama": {"norm": "rmsnorm", "mlp": "swiglu", "pos_emb": "rope", "bias": False, "n_kv_head": 2},
+    "gpt2": {"norm": "layernorm", "mlp": "gelu_tanh", "pos_emb": "learned", "bias": True},
+    "pythia": {"norm": "layernorm", "mlp": "gelu", "pos_emb": "rope", "bias": True, "rotary_pct": 0.25,
+               "parallel_residual": True, "tie_embeddings": False},
+}  # fmt: skip
+
+
+def nomoat_gguf(folder: Path, variant: str, qtype: str) -> Path:
+    """A tiny random model written by nomoat's own GGUF writer (llama.cpp's binaries are not needed)."""
+    from nomoat.checkpoint import Checkpoint
+    from nomoat.config import ModelConfig, RunConfig, TrainConfig
+    from nomoat.convert.gguf_write import to_gguf as export
+    from nomoat.model import Transformer
+    from nomoat.tokenizer import train_tokenizer
+
+    switches = QUANT_VARIANTS[variant]
+    cfg = ModelConfig(vocab_size=V, n_layer=2, n_head=4, d_model=64, d_ff=256, max_seq_len=64, **switches)
+    torch.manual_seed(0)
+    tok = train_tokenizer([SHAKESPEARE.read_text()[:20_000]], vocab_size=V)
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpoint(folder, RunConfig(model=cfg, train=TrainConfig(seq_len=32)), Transformer(cfg).eval(), tok, None)
+    return export(ckpt, folder / f"{variant}-{qtype}.gguf", qtype)
+
+
+@pytest.mark.parametrize("variant", list(QUANT_VARIANTS))
+def test_q4_0_blocks_become_int4_groups_as_they_are(variant, tmp_path, monkeypatch):
+    """Each Q4_0 block is one int4 group (scale d, offset 0): no weight is requantized, every code is kept, and
+    a layer computes the dequantized file's weights up to d rounded to bf16 and bf16 activations."""
+    import nomoat.quant
+    from nomoat.quant import Int4Linear
+
+    path = nomoat_gguf(tmp_path, variant, "q4_0")
+    ref = load_gguf(path).model.eval()  # dequantized to fp32, as before
+    monkeypatch.setattr(nomoat.quant, "quantize_int4", lambda *_: pytest.fail("a Q4_0 weight was requantized"))
+    ckpt = load_gguf(path, quantize="int4")
+    model = ckpt.model
+    assert ckpt.cfg.model.quantize == "int4"
+    for i, block in enumerate(model.layers):
+        mine = dict(block.self_attn.named_children()) | dict(block.mlp.named_children())
+        theirs = dict(ref.layers[i].self_attn.named_children()) | dict(ref.layers[i].mlp.named_children())
+        for name, layer in mine.items():
+            assert isinstance(layer, Int4Linear), name
+            parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+            weight = torch.cat([theirs[p].weight for p in parts.get(name, (name,))]).detach()
+            q = layer.unpack()
+            assert not q.offsets.any()
+            torch.testing.assert_close(q.dequantize(), weight, rtol=2**-8, atol=0)  # d in bf16: 8 significant bits
+            x = torch.randn(5, weight.shape[1])
+            y = torch.nn.functional.linear(x, weight)
+            if layer.bias is not None:
+                y = y + layer.bias
+            assert (layer(x) - y).norm() / y.norm() < 0.01
+    idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = ref(idx), model(idx)
+    assert (got - want).norm() / want.norm() < 0.03
+
+
+@pytest.mark.parametrize("variant", ["llama", "gpt2"])
+def test_q8_0_loads_as_int8_rows(variant, tmp_path):
+    """Q8_0 has a scale per 32 weights, the int8 kernel one per row: each tensor is requantized on its own."""
+    from nomoat.quant import Int8Linear
+
+    path = nomoat_gguf(tmp_path, variant, "q8_0")
+    ref, model = load_gguf(path).model.eval(), load_gguf(path, quantize="int8").model
+    assert all(isinstance(m, Int8Linear) for m in model.layers[0].self_attn.children())
+    idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = ref(idx), model(idx)
+    assert (got - want).norm() / want.norm() < 0.03
+
+
+def test_q4_0_file_to_int4_checkpoint_and_back(tmp_path, capsys):
+    """`nomoat convert quantize FILE.gguf OUT --quantize int4` keeps the file's codes: the checkpoint computes
+    exactly what the file loaded with --quantize int4 does; a damaged file is one line."""
+    from nomoat.cli import main
+    from nomoat.load import load_model
+
+    path = nomoat_gguf(tmp_path, "llama", "q4_0")
+    assert main(["convert", "quantize", str(path), str(tmp_path / "q4"), "--quantize", "int4"]) == 0
+    idx = torch.randint(0, V, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "q4").model(idx), load_gguf(path, quantize="int4").model(idx))
+    assert load_model(tmp_path / "q4").tokenizer.encode(MIXED) == load_gguf(path).tokenizer.encode(MIXED)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size - 1000])
+    capsys.readouterr()
+    assert main(["convert", "quantize", str(cut), str(tmp_path / "bad"), "--quantize", "int4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nomoat: error: {cut}") and err.count("\n") == 1
+    assert not (tmp_path / "bad").exists()

@@ -147,3 +147,96 @@ def test_finetune_over_a_gguf_base(base_and_adapter, tmp_path: Path, method: str
     x = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert not torch.allclose(tuned.model(x), plain.model(x), atol=1e-4)  # the adapter, over the GGUF base
+
+
+# ---- int8 / int4: streamed from float weights, and quantized checkpoints ----
+
+
+def _no_quantizing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make quantizing any float weight an error: what loads after this is made from stored codes alone."""
+    import nomoat.quant
+
+    def refuse(*_):
+        raise AssertionError("a float weight was quantized")
+
+    monkeypatch.setattr(nomoat.quant, "quantize_int8", refuse)
+    monkeypatch.setattr(nomoat.quant, "quantize_int4", refuse)
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_streamed_quantization_equals_quantizing_the_whole_model(base_and_adapter, tmp_path: Path, bits: str) -> None:
+    """load_model(quantize=) on a checkpoint or Hugging Face folder quantizes a layer at a time as the weights
+    stream in: the same layers, and the same logits, as quantize_weights on the whole fp32 model."""
+    from nomoat.quant import Int4Linear, quantize_weights
+
+    base, _, _ = base_and_adapter
+    hf = to_hf(load_model(base), tmp_path / "hf")
+    x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = quantize_weights(load_model(base).model.float().eval(), bits)(x)
+        for path in (base, hf):
+            ckpt = load_model(path, quantize=bits)
+            assert ckpt.cfg.model.quantize == bits and ckpt.weights is None
+            assert torch.equal(ckpt.model(x), want)
+    assert isinstance(ckpt.model.layers[0].mlp.gate_up_proj, Int4Linear) == (bits == "int4")
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_quantized_checkpoint_loads_as_the_model_it_was_written_from(
+    base_and_adapter, tmp_path: Path, bits: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`nomoat convert quantize` writes int8 or int4 codes (int4 unpacked, as plain codes two to a byte); the
+    folder loads as the same layers without quantizing a single float weight, so no fp32 projection exists."""
+    from safetensors import safe_open
+
+    from nomoat.quant import Int4Linear, Int8Embedding, Int8Linear
+
+    base, _, _ = base_and_adapter
+    out = tmp_path / bits
+    assert main(["convert", "quantize", str(base), str(out), "--quantize", bits]) == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        stored = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+    assert stored["layers.0.self_attn.qkv_proj." + ("codes" if bits == "int4" else "weight_int8")] == (
+        "U8" if bits == "int4" else "I8"
+    )
+    assert not any(k.endswith((".packed", ".scales_and_zeros")) for k in stored)
+    x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = load_model(base, quantize=bits).model(x)
+        _no_quantizing(monkeypatch)
+        for ckpt in (load_model(out), load_model(out, quantize=bits), load_model(out, device="meta")):
+            model = ckpt.model
+            assert ckpt.cfg.model.quantize == bits and isinstance(model.embed_tokens, Int8Embedding)
+            assert not any(type(m) is torch.nn.Linear for m in model.modules())
+            assert all(p.dtype == torch.float32 and p.dim() == 1 for p in model.parameters())  # norms, biases
+            assert isinstance(model.layers[1].self_attn.o_proj, Int4Linear if bits == "int4" else Int8Linear)
+            assert torch.equal(model(x), want)
+    assert main(["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    capsys.readouterr()
+
+
+def test_quantized_checkpoint_bad_use_is_one_line(base_and_adapter, tmp_path: Path, capsys) -> None:
+    base, adapter, _ = base_and_adapter
+    out = tmp_path / "q8"
+    assert main(["convert", "quantize", str(base), str(out), "--quantize", "int8"]) == 0
+    capsys.readouterr()
+    commands = {
+        "holds int8 weights, not int4": ["generate", str(out), "--prompt", "x", "--quantize", "int4"],
+        "apply the adapter to the float model": ["generate", str(out), "--prompt", "x", "--adapter", str(adapter)],
+        "export the model it was made from": ["convert", "to-gguf", str(out), str(tmp_path / "m.gguf")],
+        "--quantize": ["convert", "quantize", str(base), str(tmp_path / "x")],  # it is required
+    }
+    for message, args in commands.items():
+        assert message in main_err(capsys, args)
+    assert "export the model" in main_err(capsys, ["convert", "to-hf", str(out), str(tmp_path / "hf")])
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    assert "model.safetensors" in main_err(capsys, ["generate", str(out), "--prompt", "x"])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "m.gguf").exists()
+
+
+def main_err(capsys: pytest.CaptureFixture[str], args: list[str]) -> str:
+    assert main(args) == 2, args
+    err = capsys.readouterr().err
+    assert err.startswith("nomoat: error: ") and err.count("\n") == 1, err
+    return err

@@ -109,6 +109,19 @@ def test_int8_and_int4_linear_against_their_dequantized_weights() -> None:
         assert q(x[None]).shape == (1, 5, 80)
 
 
+def test_int8_row_product_is_the_kernel_bit_for_bit() -> None:
+    """The compiled one-row int8 product (a dequantize-multiply-sum for Inductor) rounds as the packed kernel does,
+    so a batch-1 compiled step and a batched one give the same numbers."""
+    from nomoat.quant import Int8Linear, _int8_row_product
+
+    torch.manual_seed(0)
+    q8 = Int8Linear(torch.randn(300, 576) * 0.02, None)
+    x = torch.randn(1, 576).to(torch.bfloat16)
+    kernel = torch._weight_int8pack_mm(x, q8.weight_int8, q8.scales)
+    assert torch.equal(_int8_row_product(x, q8.weight_int8, q8.scales), kernel)
+    assert torch.equal(torch.compile(_int8_row_product)(x, q8.weight_int8, q8.scales), kernel)
+
+
 def test_quantized_model_is_close_small_and_decodes_alike_in_every_path() -> None:
     """Logits near fp32's; int8 weights take at most 0.35x fp32's bytes and int4 0.22x (token table and head
     int8, shared when tied); the compiled step and a batch give the eager one-row tokens."""

@@ -2,14 +2,17 @@
 
 What llama.cpp's convert_hf_to_gguf.py does is undone here (tensor names, the LLaMA Q/K row permutation, the
 fused GPT-2/NeoX qkv, Llama 3's rope_freqs), so that hf.py's config and key maps do the rest. Quantized tensors
-are dequantized to fp32. Not here: writing GGUF (gguf_write.py), other tokenizers than llama.cpp's BPE and SPM.
+are dequantized to fp32, or, for load_model's quantize, taken a block at a time into int8/int4 (Q4_0 as it is).
+Not here: writing GGUF (gguf_write.py), other tokenizers than llama.cpp's BPE and SPM.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import mmap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from nomoat.convert.hf import config_from_hf, weights_from_hf
 from nomoat.errors import UserError
 from nomoat.files import atomic_folder
 from nomoat.model import Transformer
+from nomoat.quant import Int4Weight, quantize_streamed
 from nomoat.tokenizer import Tokenizer
 
 # GGUF architecture -> the Hugging Face class whose config and key map hf.py knows.
@@ -223,7 +227,8 @@ def _hf_name(arch: str, name: str, where: str) -> str | None:
     return f"{hf.replace('.N.', f'.{block}.')}.{kind}"
 
 
-def _model(path: Path, reader: Any, meta: dict[str, Any]) -> tuple[ModelConfig, Transformer]:
+def _config(path: Path, reader: Any, meta: dict[str, Any]) -> tuple[str, dict[str, Any], ModelConfig]:
+    """(GGUF architecture, Hugging Face config.json, nomoat config) of the file."""
     arch = meta["general.architecture"]
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
     hf = _hf_config(arch, meta, shapes, str(path))
@@ -231,7 +236,12 @@ def _model(path: Path, reader: Any, meta: dict[str, Any]) -> tuple[ModelConfig, 
     if "rope_freqs.weight" in tensors:
         factors = _dequantize(path, tensors["rope_freqs.weight"]).numpy()
         hf["rope_scaling"] = _llama3_rope(factors, hf["rope_theta"], hf["head_dim"], str(path))
-    cfg = config_from_hf(hf)
+    return arch, hf, config_from_hf(hf)
+
+
+def _model(path: Path, reader: Any, meta: dict[str, Any]) -> tuple[ModelConfig, Transformer]:
+    arch, hf, cfg = _config(path, reader, meta)
+    tensors = {t.name: t for t in reader.tensors}
     state = {}
     for name, t in tensors.items():  # one tensor at a time: peak memory stays near one fp32 copy
         hf_name = _hf_name(arch, name, str(path))
@@ -239,6 +249,53 @@ def _model(path: Path, reader: Any, meta: dict[str, Any]) -> tuple[ModelConfig, 
             state[hf_name] = _hf_tensor(arch, hf, hf_name, _dequantize(path, t))
         _release(reader, t)
     return cfg, build_model(cfg, weights_from_hf(hf["architectures"][0], cfg, state), str(path))
+
+
+def _quantized_model(path: Path, reader: Any, meta: dict[str, Any], bits: str) -> tuple[ModelConfig, Transformer]:
+    """The model in int8/int4 (quant.quantize_streamed), read a block at a time, so that memory stays near the
+    quantized model's plus one tensor in fp32. With int4, a block projection stored as Q4_0 is taken as it is:
+    a Q4_0 block (32 weights, an fp16 scale d, values (q - 8) * d) is an int4 group of scale d and offset 0 (the
+    value of code 8), so only d is rounded, to the kernel's bf16. Any other tensor is dequantized, one at a
+    time, and quantized as quantize_weights does: a Q8_0 projection, with a scale per 32 weights, is requantized
+    to int8 with one scale per row, since the kernel has only that."""
+    arch, hf, cfg = _config(path, reader, meta)
+    cls = hf["architectures"][0]
+    shapes = {}  # a skeleton first, named and checked as a float load would be
+    for t in reader.tensors:
+        if (name := _hf_name(arch, t.name, str(path))) is not None:
+            empty = torch.empty(tuple(int(n) for n in reversed(t.shape)), device="meta")
+            shapes[name] = _hf_tensor(arch, hf, name, empty)
+    skeleton = build_model(cfg, weights_from_hf(cls, cfg, shapes), str(path))
+    groups = (weights_from_hf(cls, cfg, group) for group in _hf_groups(path, reader, arch, hf, bits))
+    ours = ({k: _q4_0(v) if v.dtype == torch.uint8 else v for k, v in group.items()} for group in groups)
+    return cfg, quantize_streamed(skeleton, ours, bits, where=str(path))
+
+
+def _hf_groups(path: Path, reader: Any, arch: str, hf: dict[str, Any], bits: str) -> Iterator[dict[str, torch.Tensor]]:
+    """The file's tensors in Hugging Face names and layout, the top-level ones first, then a block at a time. With
+    int4, a block projection stored as Q4_0 comes as its raw blocks, a uint8 row of 18 bytes per 32 weights: a row
+    holds whole blocks, so the layout's reorderings of rows (_hf_tensor, weights_from_hf) apply to it as they are."""
+    blocks: dict[int, list[Any]] = {}
+    for t in reader.tensors:
+        blocks.setdefault(int(t.name.split(".")[1]) if t.name.startswith("blk.") else -1, []).append(t)
+    for block in sorted(blocks):
+        group = {}
+        for t in blocks[block]:
+            if (name := _hf_name(arch, t.name, str(path))) is not None:
+                raw = bits == "int4" and block >= 0 and t.tensor_type.name == "Q4_0" and len(t.shape) == 2
+                data = torch.from_numpy(np.array(t.data)) if raw else _dequantize(path, t)
+                group[name] = _hf_tensor(arch, hf, name, data)
+            _release(reader, t)
+        yield group
+
+
+def _q4_0(raw: torch.Tensor) -> Int4Weight:
+    """Q4_0 rows (n, k / 32 * 18 bytes) as int4 groups: each block an fp16 scale d, then 16 bytes whose low
+    nibbles are its values 0-15 and high nibbles 16-31 (ggml's block_q4_0); offset 0, since code 8 stands for 0."""
+    blocks = raw.contiguous().reshape(raw.shape[0], -1, 18)  # (n, k / 32, 18)
+    d = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1).float()  # (n, k / 32)
+    codes = torch.cat([blocks[..., 2:] & 15, blocks[..., 2:] >> 4], -1).reshape(raw.shape[0], -1)  # (n, k)
+    return Int4Weight(codes, d, torch.zeros_like(d))
 
 
 def _release(reader: Any, t: Any) -> None:
@@ -326,8 +383,9 @@ def _tokenizer(path: Path, meta: dict[str, Any]) -> Tokenizer:
     return Tokenizer(hf, eos_token=eos, chat_template=meta.get("tokenizer.chat_template"), bos_token=bos)
 
 
-def load_gguf(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """A GGUF file as a nomoat Checkpoint in fp32: exact for F32/F16/BF16 files, dequantized otherwise."""
+def load_gguf(path: str | Path, device: str | torch.device = "cpu", quantize: str | None = None) -> Checkpoint:
+    """A GGUF file as a nomoat Checkpoint in fp32: exact for F32/F16/BF16 files, dequantized otherwise; or, with
+    quantize ("int8", "int4"), in int8/int4 on the CPU, never whole in fp32 (_quantized_model)."""
     path = Path(path)
     reader = _open(path)
     meta = _metadata(reader)
@@ -335,8 +393,9 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu") -> Checkpoin
     if arch not in ARCHITECTURES:
         raise UserError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
     tokenizer = _tokenizer(path, meta)
-    cfg, model = _model(path, reader, meta)
-    run = RunConfig(model=cfg, train=TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len)))
+    cfg, model = _model(path, reader, meta) if quantize is None else _quantized_model(path, reader, meta, quantize)
+    train = TrainConfig(seq_len=min(TrainConfig.seq_len, cfg.max_seq_len))
+    run = RunConfig(model=dataclasses.replace(cfg, quantize=quantize), train=train)
     return Checkpoint(path, run, model.to(device), tokenizer, None)
 
 

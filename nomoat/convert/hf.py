@@ -296,6 +296,8 @@ def _load_tokenizer(folder: Path) -> Tokenizer:
 def hf_layout(ckpt: Checkpoint) -> tuple[str, dict[str, Any]]:
     """(Hugging Face class, config.json) that ckpt exports as, built on the original config.json where the
     checkpoint kept one (so that fields nomoat does not model survive)."""
+    if ckpt.cfg.model.quantize is not None:
+        raise UserError(f"{ckpt.path}: holds {ckpt.cfg.model.quantize} weights; export the model it was made from")
     base_file = ckpt.path / (HF_CONFIG if (ckpt.path / HF_CONFIG).is_file() else "config.json")
     base = read_json(base_file) if base_file.is_file() else {}
     arch = (base.get("architectures") or [architecture_of(ckpt.cfg.model)])[0]
