@@ -352,12 +352,13 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def transpose_weights(self) -> Transformer:
-        """Keep each full-precision projection's weight, and the output head's, in column-major memory (stored
-        (in, out), seen as the usual (out, in)): MKL then runs a one-row product as x @ W, streaming the weights
-        faster than as one dot product per output row (measured 17-35% on a decode step here). Values, names
-        and shapes stay; only the strides change, so it is for inference (safetensors saves contiguous tensors).
-        """
-        linears = [m for m in self.modules() if type(m) is nn.Linear and m.weight.is_contiguous()]
+        """Keep each full-precision projection with at least as many outputs as inputs (q/k/v, gate/up, the
+        output head) in column-major memory (stored (in, out), seen as the usual (out, in)): MKL then runs a
+        one-row product as x @ W, streaming such weights up to 2x faster than as one dot product per output
+        row; narrower ones (down_proj) measured slower that way and stay. Values, names and shapes stay; only
+        the strides change, so it is for inference (safetensors saves contiguous tensors)."""
+        wide = [m for m in self.modules() if type(m) is nn.Linear and m.out_features >= m.in_features]
+        linears = [m for m in wide if m.weight.is_contiguous()]
         for m in linears:
             m.weight = nn.Parameter(m.weight.t().contiguous().t(), requires_grad=False)
         if self.cfg.tie_embeddings and type(self.lm_head) is nn.Linear:  # the table is the head's rows, shared
