@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -410,8 +411,24 @@ def serve(ckpt: Any, cfg: ServeConfig) -> None:
     app = build_app(ckpt.model, ckpt.tokenizer, name, cfg)
     if cfg.compile:  # paid once here, so that no request waits for it
         print(f"nomoat: decode step compiled in {app.app.state.engine.warm_up():.1f} s", file=sys.stderr)
+    engine = app.app.state.engine
+    engine.running = True  # the loop is this thread's (Engine.run): the app's lifespan then starts no thread for it
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="nomoat-http", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():  # uvicorn has printed why (the address in use, say)
+            raise UserError(f"could not serve on {cfg.host}:{cfg.port}")
+        time.sleep(0.05)
     print(f"nomoat: serving {name!r} on http://{cfg.host}:{cfg.port}/ (chat page) and /v1", file=sys.stderr)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: a graceful stop, as uvicorn's own
+    try:
+        engine.run()  # until the server stops it (its lifespan's end), Ctrl-C or SIGTERM
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        thread.join()
 
 
 @contextmanager
