@@ -428,15 +428,13 @@ def test_cli_serve_refuses_a_missing_model(tmp_path, capsys):
 def test_a_non_local_host_gets_a_random_key_printed_once(tokenizer, monkeypatch, capsys):
     """Like Jupyter's token: `serve --host 0.0.0.0` with no --api-key makes a key, prints it, and requires it;
     only an explicit --no-api-key serves anyone."""
-    import uvicorn
-
     from nomoat.checkpoint import Checkpoint
     from nomoat.config import RunConfig, TrainConfig
     from nomoat.errors import UserError
     from nomoat.serve.app import serve
 
     served = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    monkeypatch.setattr("nomoat.serve.app.run_server", lambda app, **kw: served.update(app=app, **kw))
     ckpt = Checkpoint(Path("tiny"), RunConfig(model=CFG, train=TrainConfig(seq_len=32)), tiny_model(), tokenizer, None)
     serve(ckpt, ServeConfig(host="0.0.0.0", port=0))
     err = capsys.readouterr().err

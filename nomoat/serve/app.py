@@ -404,23 +404,30 @@ def build_app(model: Transformer, tokenizer: Tokenizer, model_name: str, cfg: Se
 
 def serve(ckpt: Any, cfg: ServeConfig) -> None:
     """Serve a loaded model (anything with `.model`, `.tokenizer` and `.path`, as a Checkpoint has) until Ctrl-C."""
-    import uvicorn
-
     cfg = keyed(cfg)
     name = ckpt.path.name if not ckpt.path.name.startswith("step_") else ckpt.path.parent.parent.name
     app = build_app(ckpt.model, ckpt.tokenizer, name, cfg)
     if cfg.compile:  # paid once here, so that no request waits for it
         print(f"nomoat: decode step compiled in {app.app.state.engine.warm_up():.1f} s", file=sys.stderr)
+    run_server(app, host=cfg.host, port=cfg.port)
+
+
+def run_server(app: Guard, host: str, port: int) -> None:
+    """Answer HTTP from a thread and run the app's engine on this one, the main thread (Engine.run says why),
+    until Ctrl-C or SIGTERM, which stop both gracefully."""
+    import uvicorn
+
     engine = app.app.state.engine
-    engine.running = True  # the loop is this thread's (Engine.run): the app's lifespan then starts no thread for it
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
+    engine.running = True  # the loop is this thread's: the app's lifespan then starts no thread for it
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="nomoat-http", daemon=True)
     thread.start()
     while not server.started:
         if not thread.is_alive():  # uvicorn has printed why (the address in use, say)
-            raise UserError(f"could not serve on {cfg.host}:{cfg.port}")
+            raise UserError(f"could not serve on {host}:{port}")
         time.sleep(0.05)
-    print(f"nomoat: serving {name!r} on http://{cfg.host}:{cfg.port}/ (chat page) and /v1", file=sys.stderr)
+    name = app.app.state.model_name
+    print(f"nomoat: serving {name!r} on http://{host}:{port}/ (chat page) and /v1", file=sys.stderr)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: a graceful stop, as uvicorn's own
     try:
         engine.run()  # until the server stops it (its lifespan's end), Ctrl-C or SIGTERM
