@@ -80,6 +80,7 @@ def pack_linears(model: nn.Module) -> int:
     for name, linear in swaps:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, PackedLinear(linear))
-    for t in (*model.parameters(), *model.buffers()):  # what is left (norms, the token table) into memory of its
-        t.data = t.data.clone()  # own: a tensor read from a memory-mapped file keeps the whole file mapped
+    if swaps:  # what is left (norms, the token table) into memory of its own: a tensor read from a memory-mapped
+        for t in (*model.parameters(), *model.buffers()):  # file keeps the whole file, now let go, mapped
+            t.data = t.data.clone()
     return len(swaps)
