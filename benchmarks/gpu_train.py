@@ -20,7 +20,8 @@ from nomoat import distributed
 from nomoat.config import load_config, replace
 from nomoat.device import autocast_for, peak_flops, pick_device
 from nomoat.model import Transformer
-from nomoat.train import lr_at, make_optimizer, train_step
+from nomoat.optim import lr_at, make_optimizer
+from nomoat.train import train_step
 
 
 def parse() -> argparse.Namespace:
@@ -68,8 +69,7 @@ def main() -> None:
     data = torch.randint(0, cfg.model.vocab_size, (4, tc.batch_size, tc.seq_len + 1), device=device)
 
     def step(i: int) -> torch.Tensor:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(i, tc)
+        optimizer.set_lr(lr_at(i, tc))
         b = data[i % len(data)]
         loss, _ = train_step(forward, model, optimizer, [(b[:, :-1], b[:, 1:])], tc, autocast, device)
         return loss

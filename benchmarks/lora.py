@@ -98,7 +98,8 @@ def resident_model_bytes(model: torch.nn.Module) -> int:
 def setup_side(side: str, batch: int, seq: int, rank: int) -> Callable[[], None]:
     """One training step of a side, as a closure over its model, optimizer and batch."""
     from nomoat.config import TrainConfig
-    from nomoat.train import make_optimizer, train_step
+    from nomoat.optim import make_optimizer
+    from nomoat.train import train_step
 
     model, forward = build(side, rank)
     model.train()

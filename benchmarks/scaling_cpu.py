@@ -22,7 +22,8 @@ import torch
 from nomoat import distributed
 from nomoat.config import ModelConfig, TrainConfig
 from nomoat.model import Transformer
-from nomoat.train import make_optimizer, train_step
+from nomoat.optim import make_optimizer
+from nomoat.train import train_step
 
 
 def parse() -> argparse.Namespace:

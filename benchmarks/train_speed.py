@@ -20,7 +20,8 @@ import torch
 from nomoat.config import ModelConfig, TrainConfig
 from nomoat.device import autocast_for
 from nomoat.model import Transformer
-from nomoat.train import lr_at, make_optimizer, train_step
+from nomoat.optim import lr_at, make_optimizer
+from nomoat.train import train_step
 
 Step = Callable[[], None]
 
@@ -47,9 +48,9 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="bfloat16 runs both sides under CPU autocast; float32 is nomoat's default on CPU",
+        choices=("both", "float32", "bfloat16"),
+        default="both",
+        help="bfloat16 runs both sides under CPU autocast; both measures fp32, then bf16",
     )
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -68,8 +69,7 @@ def nomoat_step(model: Transformer, compiled: bool, tc: TrainConfig, x: torch.Te
 
     def step() -> None:
         lr = lr_at(state["step"], tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        optimizer.set_lr(lr)
         train_step(forward, model, optimizer, batches, tc, autocast, device)
         state["step"] += 1
 
@@ -129,6 +129,24 @@ def main() -> None:
     args.warmup = max(args.warmup, 1)
     if args.threads:
         torch.set_num_threads(args.threads)
+    results = [measure(args, d) for d in (("float32", "bfloat16") if args.dtype == "both" else (args.dtype,))]
+    if len(results) == 2:
+        key = "nomoat_eager/hf" if "nomoat_eager/hf" in results[0]["ratios"] else next(iter(results[0]["ratios"]))
+        print(f"summary ({cpu_flags()}): {key} " + ", ".join(f"{r['dtype']} {r['ratios'][key]:.2f}x" for r in results))
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else {"cpu": cpu_flags(), "runs": results}))
+
+
+def cpu_flags() -> str:
+    """The CPU features that decide bf16 speed, to print next to every figure."""
+    from nomoat.device import cpu_description
+
+    return cpu_description()
+
+
+def measure(args: argparse.Namespace, dtype: str) -> dict:
+    """Time nomoat and HF at one precision; print the figures and return them."""
+    args = argparse.Namespace(**{**vars(args), "dtype": dtype})
     torch.manual_seed(args.seed)
     tc = TrainConfig(
         batch_size=args.batch, seq_len=args.seq_len, warmup_steps=0, schedule="constant", dtype=args.dtype, device="cpu"
@@ -211,20 +229,18 @@ def main() -> None:
         print(f"ratio {key}: {value:.2f}x{mark}")
     if "nomoat_compiled" in first_step_s:
         print(f"compile: the first compiled step took {first_step_s['nomoat_compiled']:.1f}s")
-    if args.json:
-        result = {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "shape": {k: vars(args)[k] for k in ("vocab", "layers", "heads", "dim", "seq_len", "batch")},
-            "dtype": args.dtype,
-            "params": counts["hf"],
-            "tokens_per_s": median,
-            "tokens_per_s_best": best,
-            "ratios": ratios,
-            "headline": f"{headline}/hf" if f"{headline}/hf" in ratios and args.dtype == "float32" else None,
-            "first_step_s": first_step_s,
-        }
-        print(json.dumps(result))
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "shape": {k: vars(args)[k] for k in ("vocab", "layers", "heads", "dim", "seq_len", "batch")},
+        "dtype": args.dtype,
+        "params": counts["hf"],
+        "tokens_per_s": median,
+        "tokens_per_s_best": best,
+        "ratios": ratios,
+        "headline": f"{headline}/hf" if f"{headline}/hf" in ratios and args.dtype == "float32" else None,
+        "first_step_s": first_step_s,
+    }
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def save_checkpoint(
     keep_last: int = 0,
     extra_files: Sequence[Path] = (),
     *,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     export: Callable[[torch.nn.Module, Path], None] = save_weights,
     world: World = ONE_PROCESS,
 ) -> Path:
@@ -133,14 +133,18 @@ def write_files(
         shutil.copy(extra, folder / extra.name)
 
 
-def _train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def _train_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
+) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     return {"model": model_sd, "optim": optim_sd}
 
 
-def load_train_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def load_train_state(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
+) -> None:
     """Model and optimizer from state/, resharded to however this run is laid out (1 process, DDP or FSDP)."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 

@@ -100,7 +100,11 @@ class TrainConfig:
     batch_size: int = 8  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     seq_len: int = 256
-    lr: float = 6e-4
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon on the blocks' matrices, AdamW on the rest
+    lr: float = 6e-4  # AdamW's peak rate; every group's rate follows the schedule as a multiple of it
+    muon_lr: float = 0.02  # Muon's peak rate for the blocks' matrices (optimizer = "muon")
+    muon_momentum: float = 0.95
+    embed_lr: float | None = None  # token table and untied output head; None means lr
     min_lr_ratio: float = 0.1  # final lr as a fraction of lr
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 100
@@ -118,7 +122,9 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 1337
     device: str = "auto"  # auto: cuda when available, else cpu
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    # auto: bf16 autocast on GPU; on CPU bf16 only where a probe measured it faster for this run (cached per CPU)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    time_budget: float = 0.0  # seconds of training; > 0 times the first steps and fixes train.steps to fill it
     compile: bool = False  # torch.compile each block in place
     parallel: Literal["ddp", "fsdp"] = "ddp"  # how more than one process shares the work (torchrun)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
@@ -127,8 +133,15 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every"):
             if getattr(self, name) <= 0:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.time_budget < 0:
+            raise UserError(f"train.time_budget must be >= 0 seconds (0: train.steps decides), got {self.time_budget}")
         if self.keep_last < 0:
             raise UserError(f"train.keep_last must be >= 0 (0 keeps every checkpoint), got {self.keep_last}")
+        for name in ("lr", "muon_lr", "embed_lr"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise UserError(f"train.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         if self.warmup_steps < 0 or not 0.0 <= self.decay_frac <= 1.0:
             raise UserError("train.warmup_steps must be >= 0 and train.decay_frac in [0, 1]")
 

@@ -200,3 +200,13 @@ def launch(nproc: int, argv: list[str]) -> None:
             why = f"exit status {failure.exitcode}"
         stopped = "the job stopped, and the checkpoints it saved are intact"
         raise UserError(f"rank {rank} failed ({why}); {stopped}") from None
+
+
+def from_main(value: Any, world: World) -> Any:
+    """Rank 0's value on every rank: decisions one process measures (precision, a time budget's steps) must be
+    the same everywhere, or ranks would train differently in lockstep."""
+    if world.size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import signal
 import sys
 import time
@@ -26,47 +25,20 @@ from tqdm import tqdm
 
 from nomoat import distributed
 from nomoat.checkpoint import list_checkpoints, load_train_state, read_trainer_state, save_checkpoint, save_weights
-from nomoat.config import RunConfig, TrainConfig, from_dict, read_toml, to_dict
+from nomoat.config import RunConfig, TrainConfig, from_dict, read_toml, replace, to_dict
 from nomoat.data import ShardSet, TokenLoader, check_tokenizer_matches
-from nomoat.device import autocast_for, peak_flops, pick_device
+from nomoat.device import autocast_for, choose_precision, peak_flops, pick_device
 from nomoat.errors import UserError
 from nomoat.eval import evaluate_loss
 from nomoat.model import Transformer
+from nomoat.optim import Optimizers, lr_at, make_optimizer
 from nomoat.tokenizer import Tokenizer
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine or warmup-stable-decay."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    min_lr = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-    decay_start = cfg.steps - int(cfg.decay_frac * cfg.steps)  # wsd, arXiv:2404.06395
-    if step < decay_start:
-        return cfg.lr
-    progress = (step - decay_start) / max(1, cfg.steps - decay_start)
-    return cfg.lr - (cfg.lr - min_lr) * min(progress, 1.0)
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: decaying norms and biases hurts and buys nothing."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    fused = device.type in ("cuda", "cpu")  # fused kernels exist for these; others use foreach
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
 def train_step(
     forward: Callable[[torch.Tensor], torch.Tensor],
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizers,
     batches: list[tuple[torch.Tensor, ...]],
     tc: TrainConfig,
     autocast: torch.autocast | None,
@@ -100,6 +72,10 @@ def training_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 
 def config_text(cfg: RunConfig) -> str:
     return tomli_w.dumps(to_dict(cfg))
+
+
+UNDECIDED_STEPS = 2**62  # a time-budgeted run's step count until its first steps are timed
+BUDGET_PROBE_STEPS = 10  # steps timed to fix it
 
 
 class StopFlag:
@@ -207,10 +183,20 @@ def pretraining_setup(cfg: RunConfig, device: torch.device) -> Setup:
 
 
 class Clock:
-    """Training seconds and tokens/s between log rows; time spent validating and saving is left out."""
+    """Training seconds and tokens/s between log rows; time spent validating and saving is left out.
+    `seconds` counts from the run's start, earlier sessions of a resumed run included (`offset`)."""
 
-    def __init__(self) -> None:
-        self.seconds, self.last, self.tokens = 0.0, time.perf_counter(), 0
+    def __init__(self, offset: float = 0.0) -> None:
+        self.offset = self.seconds = offset
+        self.last, self.tokens = time.perf_counter(), 0
+
+    def restart(self) -> None:
+        """Count from here: what came before (building the model, loading a checkpoint) is not training."""
+        self.last = time.perf_counter()
+
+    def now(self) -> float:
+        """Training seconds so far, up to this moment."""
+        return self.seconds + time.perf_counter() - self.last
 
     def lap(self) -> float:
         """Tokens per second since the last lap, whose time is added to the training seconds."""
@@ -233,8 +219,14 @@ class Run:
     """One training run's parts and bookkeeping: the model wrapped for this world, its optimizer, where it
     saves and logs. `train` drives it; the loop itself stays in `train` so that it reads in one screen."""
 
-    def __init__(self, cfg: RunConfig, setup: Setup, world: distributed.World, device: torch.device) -> None:
+    def __init__(
+        self, cfg: RunConfig, setup: Setup, world: distributed.World, device: torch.device, decisions: dict[str, Any]
+    ) -> None:
         self.cfg, self.tc, self.setup, self.world, self.device = cfg, cfg.train, setup, world, device
+        self.decisions = dict(decisions)  # what the run settled for itself (precision, a time budget's steps)
+        if self.tc.time_budget:  # until the budget's steps are fixed: a schedule that has not begun to decay
+            self.tc = dataclasses.replace(self.tc, steps=UNDECIDED_STEPS)
+        self.clock, self.budget_start = Clock(), 0.0
         self.run_dir = Path(self.tc.out_dir)
         self.metrics_file = self.run_dir / "metrics.jsonl"
         self.model, self.loader = setup.model, setup.loader
@@ -261,6 +253,10 @@ class Run:
             self.loader.load_state_dict(state["loader"])
             torch.set_rng_state(state["rng"])
             start_step = state["step"]
+            self.clock = Clock(offset=state.get("train_seconds", 0.0))
+            earlier = state.get("decisions", {})
+            if self.tc.time_budget and "steps" in earlier:  # the budget's step count, kept: the same schedule
+                self.fix_steps(earlier["steps"], earlier["steps_reason"])
             if self.world.main:  # rows logged after that checkpoint came from work now lost
                 rows = _read_metrics(self.metrics_file, start_step)
                 self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -270,13 +266,35 @@ class Run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.metrics_file.write_text("")
         distributed.barrier(self.world)
+        self.log({"step": start_step, "elapsed_s": self.clock.seconds, **self.decisions})
         return start_step
+
+    def fix_steps(self, steps: int, reason: str) -> None:
+        self.tc = dataclasses.replace(self.tc, steps=steps)
+        self.cfg = dataclasses.replace(self.cfg, train=self.tc)
+        self.decisions |= {"steps": steps, "steps_reason": reason}
+
+    def spend_budget(self, step: int) -> bool:
+        """For train.time_budget: time the steps after the first (which compiles and warms caches), then fix
+        the step count that fills the budget, so that the schedule decays to the end. True once fixed."""
+        if not self.tc.time_budget or "steps" in self.decisions:
+            return False
+        if step == 1:
+            self.budget_start = self.clock.now()
+            return False
+        if step < 1 + BUDGET_PROBE_STEPS:
+            return False
+        now = self.clock.now()
+        per_step = distributed.from_main((now - self.budget_start) / BUDGET_PROBE_STEPS, self.world)
+        steps = step + max(0, int((self.tc.time_budget - now) / per_step))
+        self.fix_steps(steps, f"train.time_budget {self.tc.time_budget:g}s at {per_step:.3f}s per step")
+        self.log({"step": step, "elapsed_s": now, "steps": steps, "steps_reason": self.decisions["steps_reason"]})
+        return True
 
     def step(self, step: int) -> tuple[float, torch.Tensor, torch.Tensor]:
         """One optimizer step at the schedule's learning rate: (lr, summed loss, grad norm)."""
         lr = lr_at(step, self.tc)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.optimizer.set_lr(lr)
         batches = distributed.micro_batches(self.loader, self.tc.grad_accum, self.world)
         loss_sum, grad_norm = train_step(
             self.forward, self.model, self.optimizer, batches, self.tc, self.autocast, self.device
@@ -287,6 +305,7 @@ class Run:
         loss = distributed.mean_over_ranks(loss_sum, self.world).item()
         tok_s = clock.lap()
         row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tok_s}
+        row["elapsed_s"] = clock.seconds
         row["flops_per_s"] = self.flops_per_token * tok_s
         if self.peak:
             row["mfu"] = row["flops_per_s"] / self.peak
@@ -300,6 +319,7 @@ class Run:
 
     def validate(self, step: int) -> dict[str, float]:
         assert self.setup.val is not None
+        elapsed = self.clock.now()
         self.model.eval()
         result = self.setup.val(self.forward)
         if self.tc.eval_tasks:  # zero/few-shot task metrics, logged with the loss (nomoat.eval.tasks)
@@ -307,11 +327,12 @@ class Run:
 
             result |= task_metrics(distributed.unwrap(self.model), self.setup.tokenizer, self.tc.eval_tasks)
         self.model.train()
-        self.log({"step": step, **result})
+        self.log({"step": step, "elapsed_s": elapsed, **result})
         return result
 
     def save(self, step: int) -> Path:
         trainer = {"step": step, "rng": torch.get_rng_state(), "loader": self.loader.state_dict()}
+        trainer |= {"train_seconds": self.clock.now(), "decisions": self.decisions}
         s = self.setup
         return save_checkpoint(
             self.run_dir, step, self.model, self.cfg, s.tokenizer, s.manifest, trainer, self.tc.keep_last,
@@ -327,8 +348,8 @@ class Run:
             train_loss=train_rows[-1]["loss"] if train_rows else loss,
             val_loss=val.get("val_loss"),
             val_bpb=val.get("val_bpb"),
-            train_seconds=clock.seconds,  # this session's, when resumed
-            tokens_per_s=(step - start_step) * self.tokens_per_step / clock.seconds if clock.seconds else 0.0,
+            train_seconds=clock.seconds - clock.offset,  # this session's, when resumed
+            tokens_per_s=(step - start_step) * self.tokens_per_step / (clock.seconds - clock.offset or 1.0),
             checkpoint=list_checkpoints(self.run_dir)[-1],
         )
 
@@ -347,23 +368,30 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, setup: Se
 
     Without a setup this is pretraining; fine-tuning passes its own. Under torchrun each process runs this same
     function: `distributed` wraps the model and hands each rank its slice of every global batch."""
-    tc = cfg.train
-    world = distributed.init(pick_device(tc.device))
+    world = distributed.init(pick_device(cfg.train.device))
     try:
-        device = distributed.local_device(pick_device(tc.device), world)
+        device = distributed.local_device(pick_device(cfg.train.device), world)
         distributed.check_same_config(config_text(cfg), world)
-        run = Run(cfg, setup or pretraining_setup(cfg, device), world, device)
-        _check_eval_tasks(tc)
+        cfg, decisions = settle_precision(cfg, device, world, resume)
+        run = Run(cfg, setup or pretraining_setup(cfg, device), world, device, decisions)
+        _check_eval_tasks(cfg.train)
         step = start_step = run.start(resume)
+        if progress and world.main:
+            print(f"precision: {decisions['dtype']} ({decisions['dtype_reason']})", file=sys.stderr)
         run.model.train()
-        bar = tqdm(total=tc.steps, initial=step, disable=not (progress and world.main), unit="step", dynamic_ncols=True)
-        stop, clock, val, loss = StopFlag(), Clock(), {}, float("nan")
+        total = None if run.tc.steps == UNDECIDED_STEPS else run.tc.steps
+        bar = tqdm(total=total, initial=step, disable=not (progress and world.main), unit="step", dynamic_ncols=True)
+        stop, clock, val, loss = StopFlag(), run.clock, {}, float("nan")
+        clock.restart()
         with stop.installed():
-            while step < tc.steps:
+            while step < run.tc.steps:
+                tc = run.tc
                 lr, loss_sum, grad_norm = run.step(step)
                 step += 1
                 clock.tokens += run.tokens_per_step
-                is_last = step == tc.steps
+                if run.spend_budget(step):
+                    bar.total = run.tc.steps
+                is_last = step == run.tc.steps
                 if step % tc.log_every == 0 or is_last:
                     row = run.log_step(step, lr, loss_sum, grad_norm, clock)
                     loss = row["loss"]
@@ -389,12 +417,58 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, setup: Se
         distributed.shutdown()
 
 
+def settle_precision(
+    cfg: RunConfig, device: torch.device, world: distributed.World, resume: bool
+) -> tuple[RunConfig, dict[str, Any]]:
+    """cfg with train.dtype resolved to float32 or bfloat16 (device.choose_precision), and the decision to
+    record. A resumed `auto` run keeps its checkpoint's choice, so resume stays exact on any machine."""
+    tc = cfg.train
+    found = list_checkpoints(tc.out_dir) if resume and tc.dtype == "auto" else []
+    earlier = read_trainer_state(found[-1]).get("decisions", {}) if found else {}
+    if "dtype" in earlier:
+        dtype, why = earlier["dtype"], earlier["dtype_reason"]
+    else:
+        m = cfg.model
+        shape = (
+            f"{m.n_layer}x{m.d_model} ff{m.d_ff} h{m.n_head}/{m.kv_heads} v{m.vocab_size} {m.mlp}, "
+            f"batch {tc.batch_size}x{tc.seq_len}, compile {tc.compile}, recompute {tc.activation_checkpointing}"
+        )
+        chosen = choose_precision(device, tc.dtype, shape, _probe(cfg, device)) if world.main else None
+        dtype, why = distributed.from_main(chosen, world)
+    return replace(cfg, train={"dtype": dtype}), {"dtype": dtype, "dtype_reason": why}
+
+
+def _probe(cfg: RunConfig, device: torch.device) -> Callable[[bool], float]:
+    """Seconds per forward and backward of a fresh cfg.model on one micro-batch of random tokens, with or
+    without bf16 autocast (the fastest of 3 after one untimed); the run's RNG is left as it was."""
+
+    def seconds(bf16: bool) -> float:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = Transformer(cfg.model).to(device).train()
+            if cfg.train.compile:
+                model.compile()
+            x = torch.randint(cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len), device=device)
+            autocast = autocast_for(device, "bfloat16" if bf16 else "float32")
+            times = []
+            for _ in range(4):
+                start = time.perf_counter()
+                with autocast or contextlib.nullcontext():
+                    logits = model(x)
+                F.cross_entropy(logits.float().flatten(0, 1), x.flatten()).backward()
+                times.append(time.perf_counter() - start)
+            return min(times[1:])
+
+    return seconds
+
+
 def _has_val(train_set: ShardSet) -> bool:
     return train_set.manifest["splits"]["val"]["tokens"] > 0
 
 
 def plot_losses(metrics_file: Path, out: Path) -> None:
-    """Train and validation loss against step, for a glance at the run without a dashboard."""
+    """Train and validation loss against step and against training seconds (quality per wall-clock second is
+    what runs are compared by), for a glance at the run without a dashboard."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -403,14 +477,16 @@ def plot_losses(metrics_file: Path, out: Path) -> None:
     rows = _read_metrics(metrics_file, 2**62)
     train_rows = [r for r in rows if "loss" in r]
     val_rows = [r for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train")
-    if val_rows:
-        ax.plot([r["step"] for r in val_rows], [r["val_loss"] for r in val_rows], "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    timed = all("elapsed_s" in r for r in train_rows + val_rows)  # metrics from before elapsed_s was logged
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 7, 4), squeeze=False)
+    for ax, key, label in zip(axes[0], ("step", "elapsed_s"), ("step", "training seconds"), strict=False):
+        ax.plot([r[key] for r in train_rows], [r["loss"] for r in train_rows], label="train")
+        if val_rows:
+            ax.plot([r[key] for r in val_rows], [r["val_loss"] for r in val_rows], "o-", label="validation")
+        ax.set_xlabel(label)
+        ax.set_ylabel("loss (nats per token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -44,6 +44,7 @@ def tiny_run(shards: tuple[Path, Path], out_dir: Path, **train: object) -> RunCo
         "batch_size": 4,
         "seq_len": 32,
         "lr": 3e-3,
+        "dtype": "float32",  # not "auto": a probe could pick bf16 on some CPUs and change every figure
         "warmup_steps": 5,
         "eval_every": 10,
         "eval_batches": 4,

@@ -68,6 +68,9 @@ def test_overrides_are_typed():
         ("train.compile", "maybe", "train.compile: expected true or false"),
         ("model.norm", "batchnorm", "model.norm: 'batchnorm' is not one of"),
         ("train.lrr", "1", "did you mean 'train.lr'"),
+        ("train.optimizer", "sgd", "train.optimizer: 'sgd' is not one of"),
+        ("train.muon_lr", "-0.02", "train.muon_lr must be positive"),
+        ("train.time_budget", "-5", "train.time_budget must be >= 0"),
         ("trian.lr", "1", "did you mean 'train.lr'"),
     ],
 )

@@ -134,3 +134,23 @@ def test_ranks_with_different_configs_are_refused(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.stdout.count("rank 1 was started with a different config than rank 0") == 2, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def muon_runs(shakespeare_shards, tmp_path_factory):
+    """The same three runs with Muon on the blocks' matrices."""
+    root = tmp_path_factory.mktemp("muon")
+    cfg = tiny_run(shakespeare_shards, root / "single", steps=STEPS, grad_accum=2, eval_every=0, optimizer="muon")
+    train(cfg, progress=False)
+    for parallel in ("ddp", "fsdp"):
+        out = root / parallel
+        nomoat_train(replace(cfg, train={"out_dir": str(out), "parallel": parallel}), out)
+    return root
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_muon_in_two_processes_matches_one(muon_runs, parallel):
+    """Under FSDP each rank holds a slice of every matrix; Muon must still orthogonalise whole matrices."""
+    single, multi = losses(muon_runs / "single"), losses(muon_runs / parallel)
+    assert len(single) == len(multi) == STEPS
+    assert max(abs(a - b) for a, b in zip(single, multi, strict=True)) < 1e-4, (single, multi)

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nomoat"
 FLOORS: list[tuple[str, ...]] = [
     ("errors",),
     ("config", "files"),
-    ("model", "tokenizer", "device", "distributed", "quant", "packed", "lora", "data"),
+    ("model", "tokenizer", "device", "distributed", "optim", "quant", "packed", "lora", "data"),
     ("checkpoint", "generate", "chat"),
     ("convert",),
     ("load",),

@@ -1,4 +1,4 @@
-"""Training: schedules, loss falls, bit-identical resume, and the errors that stop a run early."""
+"""Training: loss falls, bit-identical resume, and the errors that stop a run early."""
 
 import json
 import shutil
@@ -11,33 +11,15 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from nomoat.checkpoint import list_checkpoints
-from nomoat.config import TrainConfig, replace
+from nomoat.config import replace
 from nomoat.errors import UserError
 from nomoat.tokenizer import train_tokenizer
-from nomoat.train import lr_at, train
+from nomoat.train import train
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
-
-
-def test_warmup_cosine_schedule():
-    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, schedule="cosine")
-    assert lr_at(0, cfg) == pytest.approx(0.1)
-    assert lr_at(9, cfg) == pytest.approx(1.0)
-    assert lr_at(10, cfg) == pytest.approx(1.0)
-    assert lr_at(55, cfg) == pytest.approx(0.55)
-    assert lr_at(100, cfg) == pytest.approx(0.1)
-    values = [lr_at(s, cfg) for s in range(10, 101)]
-    assert values == sorted(values, reverse=True)
-
-
-def test_warmup_stable_decay_schedule():
-    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.0, schedule="wsd", decay_frac=0.2)
-    assert lr_at(50, cfg) == lr_at(79, cfg) == 1.0
-    assert lr_at(90, cfg) == pytest.approx(0.5)
-    assert lr_at(100, cfg) == pytest.approx(0.0)
 
 
 def test_loss_falls_and_run_folder_is_complete(shakespeare_shards, tmp_path):
@@ -62,13 +44,14 @@ def test_grad_accumulation_matches_a_bigger_batch(shakespeare_shards, tmp_path):
     assert abs(one.train_loss - two.train_loss) < 1.0  # same scale: the accumulated loss is a mean, not a sum
 
 
-def test_resume_is_bit_identical(shakespeare_shards, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bit_identical(shakespeare_shards, tmp_path, optimizer):
     full = tmp_path / "full"
-    train(tiny_run(shakespeare_shards, full, steps=20, save_every=10), progress=False)
+    train(tiny_run(shakespeare_shards, full, steps=20, save_every=10, optimizer=optimizer), progress=False)
     half = tmp_path / "half"
     shutil.copytree(full, half)
     shutil.rmtree(half / "checkpoints/step_00000020")  # as if the run had died after step 10's checkpoint
-    cfg = replace(tiny_run(shakespeare_shards, half, steps=20, save_every=10), train={"out_dir": str(half)})
+    cfg = tiny_run(shakespeare_shards, half, steps=20, save_every=10, optimizer=optimizer)
     result = train(cfg, resume=True, progress=False)
     assert result.step == 20
     assert losses(half) == losses(full)  # exact float equality, step by step
@@ -78,6 +61,8 @@ def test_resume_is_bit_identical(shakespeare_shards, tmp_path):
     x, y = _train_state(full, tmp_path / "a.pt"), _train_state(half, tmp_path / "b.pt")
     assert x.keys() == y.keys() and len(x) > 10
     assert all(torch.equal(x[k], y[k]) for k in x)  # model and optimizer moments, bit for bit
+    kind = "momentum_buffer" if optimizer == "muon" else "exp_avg_sq"
+    assert any(k.endswith(f"layers.0.mlp.down_proj.weight.{kind}") for k in x), sorted(x)[:5]
 
 
 def _train_state(run: Path, scratch: Path) -> dict[str, torch.Tensor]:
@@ -135,11 +120,14 @@ def test_activation_checkpointing_changes_memory_not_math(shakespeare_shards, tm
     assert losses(tmp_path / "b") == losses(plain.run_dir)
 
 
-def test_metrics_report_throughput_and_flops(shakespeare_shards, tmp_path):
-    train(tiny_run(shakespeare_shards, tmp_path, steps=3, eval_every=0), progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "loss" in r]
+def test_metrics_report_throughput_flops_and_elapsed_time(shakespeare_shards, tmp_path):
+    train(tiny_run(shakespeare_shards, tmp_path, steps=3, eval_every=2), progress=False)
+    every = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in every if "loss" in r]
     assert len(rows) == 3 and all(r["tokens_per_s"] > 0 and r["flops_per_s"] > 0 for r in rows)
+    times = [r["elapsed_s"] for r in every]  # every row: the start, train steps and validations
+    assert len(times) == 6 and times == sorted(times) and times[-1] > 0
+    assert every[0] == {"step": 0, "elapsed_s": 0.0, "dtype": "float32", "dtype_reason": "set by train.dtype"}
     assert all("mfu" not in r for r in rows)  # a CPU has no entry in the peak table: achieved FLOP/s only
 
 
@@ -158,3 +146,38 @@ def test_a_bad_eval_task_file_stops_the_run_before_training(shakespeare_shards, 
     with pytest.raises(UserError, match="missing.jsonl"):
         train(cfg, progress=False)
     assert not list_checkpoints(tmp_path / "run")
+
+
+def test_auto_precision_is_recorded_and_kept_on_resume(shakespeare_shards, tmp_path, monkeypatch):
+    """A CPU's `auto` is settled once (here: no native bf16, so fp32 unprobed), logged, and saved with the
+    checkpoint; a resumed run keeps the saved choice even where this machine would now choose otherwise."""
+    monkeypatch.setattr("nomoat.device.cpu_flags", lambda: {"avx2"})
+    cfg = tiny_run(shakespeare_shards, tmp_path, steps=4, save_every=2, eval_every=0, dtype="auto")
+    train(cfg, progress=False)
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["dtype"] == "float32" and "no native bf16" in first["dtype_reason"]
+    ckpt = list_checkpoints(tmp_path)[-1]
+    assert torch.load(ckpt / "trainer.pt", weights_only=True)["decisions"]["dtype"] == "float32"
+    shutil.rmtree(ckpt)
+    monkeypatch.setattr("nomoat.device.choose_precision", lambda *a: pytest.fail("resume must not re-decide"))
+    train(cfg, resume=True, progress=False)
+
+
+def test_time_budget_fixes_the_steps_records_them_and_resumes_exactly(shakespeare_shards, tmp_path):
+    full = tmp_path / "full"
+    cfg = tiny_run(shakespeare_shards, full, steps=5, time_budget=3.0, save_every=12, keep_last=0, eval_every=0)
+    result = train(cfg, progress=False)
+    rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    decided = [r for r in rows if "steps_reason" in r]
+    assert len(decided) == 1 and decided[0]["step"] == 11 and "time_budget 3s" in decided[0]["steps_reason"]
+    steps = decided[0]["steps"]
+    assert result.step == steps > 12  # train.steps (5) gave way to the budget
+    assert [r["lr"] for r in rows if "lr" in r][-1] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio, rel=0.05)
+    last = list_checkpoints(full)[-1]
+    assert torch.load(last / "trainer.pt", weights_only=True)["decisions"]["steps"] == steps
+    half = tmp_path / "half"
+    shutil.copytree(full, half)
+    for ckpt in list_checkpoints(half)[1:]:  # as if the run had died at step 12, after the decision
+        shutil.rmtree(ckpt)
+    resumed = train(replace(cfg, train={"out_dir": str(half)}), resume=True, progress=False)
+    assert resumed.step == steps and losses(half) == losses(full)  # the same schedule, step for step
