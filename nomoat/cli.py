@@ -511,7 +511,7 @@ def _add_model_file_commands(sub: Any, add: Callable[..., argparse.ArgumentParse
     p.add_argument("--adapter-only", action="store_true", help="write the LoRA adapter of a fine-tuning run only")
     p.set_defaults(func=cmd_convert_to_gguf)
     p = add("from-gguf", "turn a GGUF file into a nomoat checkpoint (weights dequantized to fp32)", convert)
-    p.add_argument("gguf_file", help="a .gguf file of a llama, qwen2, gpt2 or gptneox model")
+    p.add_argument("gguf_file", help="a .gguf file of a llama, qwen2, qwen3, gpt2 or gptneox model")
     p.add_argument("out", help="checkpoint folder to write")
     p.set_defaults(func=cmd_convert_from_gguf)
     p = add("quantize", "write a model as an int8 or int4 checkpoint, which loads as such (CPU inference)", convert)

@@ -53,6 +53,7 @@ class ModelConfig:
     parallel_residual: bool = False  # GPT-J/NeoX: attention and MLP read the same input
     bias: bool = True  # biases on every linear and norm (GPT-2, NeoX)
     qkv_bias: bool = False  # biases on q/k/v only (Qwen2); implied by bias
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3; per head, unlike OLMo 2)
     tie_embeddings: bool = True
     init: Literal["gpt2", "neox", "normal"] = "gpt2"
     init_std: float = 0.02

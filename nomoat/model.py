@@ -1,4 +1,4 @@
-"""One decoder-only transformer for GPT-2, GPT-NeoX/Pythia and LLaMA/Mistral/Qwen2, chosen by ModelConfig.
+"""One decoder-only transformer for GPT-2, GPT-NeoX/Pythia and LLaMA/Mistral/Qwen2/Qwen3, chosen by ModelConfig.
 
 Math only: no I/O, no optimizer, no sampling, no distributed code. Parameter names follow Hugging Face
 LLaMA (`q_proj`, `gate_proj`, ...); fused GPT-2/NeoX weights are split in `nomoat/convert/`, not here.
@@ -104,12 +104,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Norm(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """cfg.norm over the model width; with `dim`, an RMSNorm over that many features whatever cfg.norm is (QK-norm
+    over one head's, which Qwen3 defines as RMSNorm only)."""
+
+    def __init__(self, cfg: ModelConfig, dim: int | None = None) -> None:
         super().__init__()
-        self.kind, self.eps = cfg.norm, cfg.norm_eps
-        self.weight = nn.Parameter(torch.ones(cfg.d_model))
-        use_bias = cfg.bias and cfg.norm == "layernorm"
-        self.bias = nn.Parameter(torch.zeros(cfg.d_model)) if use_bias else None
+        self.kind, self.eps = (cfg.norm if dim is None else "rmsnorm"), cfg.norm_eps
+        self.weight = nn.Parameter(torch.ones(dim or cfg.d_model))
+        use_bias = cfg.bias and self.kind == "layernorm"
+        self.bias = nn.Parameter(torch.zeros(dim or cfg.d_model)) if use_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "rmsnorm":  # arXiv:1910.07467; computed in fp32 as LLaMA does
@@ -126,6 +129,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, self.k * self.d, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, self.k * self.d, bias=qkv_bias)
         self.o_proj = nn.Linear(self.h * self.d, cfg.d_model, bias=cfg.bias)
+        self.q_norm = Norm(cfg, self.d) if cfg.qk_norm else None
+        self.k_norm = Norm(cfg, self.d) if cfg.qk_norm else None
         self.qkv_proj: nn.Linear | None = None  # q, k and v in one, after fuse()
 
     def fuse(self) -> None:
@@ -152,6 +157,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.h, self.d).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.k, self.d).transpose(1, 2)  # (B, K, T, D)
         v = v.view(B, T, self.k, self.d).transpose(1, 2)  # (B, K, T, D)
+        if self.q_norm is not None and self.k_norm is not None:  # QK-norm: each head's q and k, before RoPE (Qwen3)
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:

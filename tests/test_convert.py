@@ -1,5 +1,6 @@
 """Hugging Face conversion: tiny random transformers models in, same logits and greedy tokens, exact round trip."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -45,6 +46,19 @@ VARIANTS = {
     ),  # fmt: skip
     "mistral": ("MistralConfig", "MistralForCausalLM", {**LLAMA, "num_key_value_heads": 1, "sliding_window": None}),
     "qwen2-tied": ("Qwen2Config", "Qwen2ForCausalLM", {**LLAMA, "num_key_value_heads": 2, "tie_word_embeddings": True}),
+    "qwen3": (  # QK-norm, and an explicit head_dim that is not hidden_size / heads
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        {
+            **LLAMA,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "tie_word_embeddings": False,
+            "rope_theta": 1000000.0,
+        },
+    ),
     "pythia": (
         "GPTNeoXConfig",
         "GPTNeoXForCausalLM",
@@ -222,3 +236,47 @@ def test_missing_shard_is_named(tmp_path, tokenizer_dir):
     assert not (tmp_path / "o").exists()
     with pytest.raises(UserError, match="no such file"):
         load_hf(tmp_path / "nowhere")
+
+
+def test_qwen3_at_fp32_parity_and_qk_norm_exports_as_qwen3(tmp_path, tokenizer_dir):
+    """Qwen3's QK-norm and explicit head_dim import at fp32 parity; a qk_norm model trained here exports as
+    Qwen3ForCausalLM that transformers computes alike; what no Hugging Face class expresses is refused."""
+    from nomoat.checkpoint import Checkpoint
+    from nomoat.config import ModelConfig, RunConfig, TrainConfig
+    from nomoat.convert.hf import architecture_of
+    from nomoat.model import Transformer
+    from nomoat.tokenizer import Tokenizer
+
+    hf = make_hf("qwen3", tmp_path / "hf", tokenizer_dir)
+    ours = load_hf(tmp_path / "hf").model.eval()
+    assert ours.cfg.qk_norm and ours.cfg.dim_head == 32 != ours.cfg.d_model // ours.cfg.n_head
+    idx = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf(idx).logits, rtol=1e-5, atol=1e-5)
+
+    cfg = ModelConfig(
+        vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, head_dim=16, max_seq_len=64,
+        norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, qk_norm=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.5, 0.2) if p.dim() == 1 else p.normal_(0.0, 0.2)
+    tok = Tokenizer.load(tokenizer_dir / "tokenizer.json")
+    (tmp_path / "ckpt").mkdir()  # a model trained here: no hf_config.json, so the switches pick the class
+    run = RunConfig(model=cfg, train=TrainConfig(seq_len=32))
+    to_hf(Checkpoint(tmp_path / "ckpt", run, model, tok, None), tmp_path / "back")
+    assert json.loads((tmp_path / "back/config.json").read_text())["model_type"] == "qwen3"
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(idx).logits, model(idx), rtol=1e-5, atol=1e-5)
+
+    for bad in ({"norm": "layernorm"}, {"mlp": "gelu"}, {"pos_emb": "learned"}, {"bias": True}, {"qkv_bias": True}):
+        with pytest.raises(UserError, match="model.qk_norm matches .* only with") as e:
+            architecture_of(dataclasses.replace(cfg, **bad))
+        assert "\n" not in str(e.value)
+    config = json.loads((tmp_path / "hf/config.json").read_text())
+    for bad in ({"use_sliding_window": True, "sliding_window": 16}, {"attention_bias": True}):
+        with pytest.raises(UserError, match="Qwen3ForCausalLM with"):
+            config_from_hf(config | bad)

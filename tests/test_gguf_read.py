@@ -27,8 +27,9 @@ gguf = pytest.importorskip("gguf")
 
 CONVERT = Path(__file__).parents[1] / "scripts/llamacpp_convert.py"  # llama.cpp's converter, facts filled in
 MIXED = "Hello wörld 😶‍🌫️ naïve — 12345 3.14\n\n\tdef f(x):\n    return x**2  # ok   \r\n  I'VE 'll <|endoftext|>!"
-# What transformers reads from GGUF: no GPT-NeoX at all, and Llama 3 without its rope_freqs (so other logits).
-TRANSFORMERS_TOKENIZER = ("llama-gqa", "llama3-tied", "mistral", "qwen2-tied", "gpt2")
+# What transformers reads from GGUF: no GPT-NeoX at all, Llama 3 without its rope_freqs (so other logits), and
+# Qwen3 without its key_length (transformers 5.24 takes head_dim as 128, so the shapes do not fit).
+TRANSFORMERS_TOKENIZER = ("llama-gqa", "llama3-tied", "mistral", "qwen2-tied", "qwen3", "gpt2")
 TRANSFORMERS_MODEL = ("llama-gqa", "mistral", "qwen2-tied", "gpt2")
 
 

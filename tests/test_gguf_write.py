@@ -2,6 +2,7 @@
 nomoat does, loads every quantized type (with perplexity within bounds), and bad input leaves no file."""
 
 import contextlib
+import dataclasses
 import json
 import math
 import socket
@@ -37,6 +38,7 @@ VARIANTS = {
     "llama-gqa": {**ROPE, "n_kv_head": 2, "tie_embeddings": False, "rope_theta": 5000.0},
     "llama3-tied": {**ROPE, "rope_scaling": "llama3", "rope_theta": 500000.0, "rope_original_max_seq_len": 16},
     "qwen2-tied": {**ROPE, "n_kv_head": 2, "qkv_bias": True},
+    "qwen3": {**ROPE, "n_kv_head": 2, "qk_norm": True, "head_dim": 16, "tie_embeddings": False},  # head_dim != C / H
     "gpt2": {"norm": "layernorm", "mlp": "gelu_tanh", "pos_emb": "learned", "bias": True},
     "pythia": {**NEOX, "parallel_residual": True, "tie_embeddings": False},
     "neox-sequential": {**NEOX, "parallel_residual": False, "tie_embeddings": False, "rope_theta": 20000.0},
@@ -107,7 +109,7 @@ def run(llamacpp: Path, tool: str, *args: str) -> str:
     return done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("variant", ["llama-gqa", "llama3-tied", "gpt2", "pythia"])
+@pytest.mark.parametrize("variant", ["llama-gqa", "llama3-tied", "qwen3", "gpt2", "pythia"])
 def test_streamed_export_is_the_loaded_export_byte_for_byte(variant, tokenizer, tmp_path):
     """to-gguf reads a checkpoint or Hugging Face folder as a meta skeleton and streams the weights from the
     files a layer at a time; the file must be the one an export of the loaded model writes."""
@@ -354,7 +356,7 @@ def test_unfaithful_tokenizers_are_refused(tokenizer, tmp_path):
     assert list(tmp_path.glob("*.gguf")) == []
 
 
-@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2-tied"])
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2-tied", "qwen3"])
 def test_lora_adapter_applies_in_llamacpp(variant, tokenizer, tmp_path, llamacpp):
     ckpt = make_ckpt(tmp_path / "m", tokenizer, **VARIANTS[variant])
     base = to_gguf(ckpt, tmp_path / "base.gguf")
@@ -385,7 +387,7 @@ def test_adapter_refusals(tokenizer, tmp_path):
     add_lora(ckpt.model, rank=2, alpha=4.0)
     with pytest.raises(UserError, match="holds LoRA layers: merge them"):
         to_gguf(ckpt, tmp_path / "m.gguf")
-    with pytest.raises(UserError, match="LLaMA, Mistral and Qwen2 only, not GPT2LMHeadModel"):
+    with pytest.raises(UserError, match="LLaMA, Mistral, Qwen2 and Qwen3 only, not GPT2LMHeadModel"):
         adapter_to_gguf(ckpt, tmp_path / "a.gguf")
     assert list(tmp_path.glob("*.gguf")) == []
 
@@ -421,3 +423,28 @@ def test_llama_server_chats_through_the_exported_template_as_nomoat_serve_does(t
     log = path.with_suffix(".log").read_text(errors="replace").lower()
     assert theirs == ours and ours
     assert "fallback" not in log and "failed to" not in log, log[-2000:]
+
+
+def test_qwen3_exports_as_llamacpps_qwen3_and_reads_back_the_same(tokenizer, tmp_path):
+    """QK-norm goes out as llama.cpp's qwen3: attn_q_norm/attn_k_norm in F32, q and k rows as they are (its qwen3
+    rotates halves as Hugging Face does, so no LLaMA permutation), head_dim as key/value_length; read back, the
+    same config and the same logits."""
+    ckpt = make_ckpt(tmp_path / "m", tokenizer, **VARIANTS["qwen3"])
+    path = to_gguf(ckpt, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    assert fields["general.architecture"] == "qwen3"
+    assert fields["qwen3.attention.key_length"] == fields["qwen3.attention.value_length"] == 16
+    tensors = {t.name: t for t in reader.tensors}
+    attn = ckpt.model.layers[1].self_attn
+    for name, weight in (("attn_q_norm", attn.q_norm.weight), ("attn_k_norm", attn.k_norm.weight),
+                         ("attn_q", attn.q_proj.weight), ("attn_k", attn.k_proj.weight)):  # fmt: skip
+        t = tensors[f"blk.1.{name}.weight"]
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32, name
+        assert torch.equal(torch.from_numpy(t.data.copy()).reshape(weight.shape), weight.detach()), name
+    back = load_gguf(path)
+    assert back.cfg.model.norm_eps == pytest.approx(ckpt.cfg.model.norm_eps)  # GGUF holds it as a float32
+    assert dataclasses.replace(back.cfg.model, norm_eps=ckpt.cfg.model.norm_eps) == ckpt.cfg.model
+    idx = torch.randint(0, V, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(back.model.eval()(idx), ckpt.model(idx), rtol=0, atol=1e-6)

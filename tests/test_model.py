@@ -30,16 +30,29 @@ ARCHS = {
     "qwen2": ModelConfig(
         **TINY, n_kv_head=1, norm="rmsnorm", mlp="swiglu", pos_emb="rope", bias=False, qkv_bias=True, init="normal"
     ),
+    "qwen3": ModelConfig(  # QK-norm, with a head_dim that is not d_model / n_head
+        **TINY,
+        n_kv_head=2,
+        head_dim=16,
+        norm="rmsnorm",
+        mlp="swiglu",
+        pos_emb="rope",
+        bias=False,
+        qk_norm=True,
+        init="normal",
+    ),
 }
 
 
 def build(name: str) -> Transformer:
     torch.manual_seed(0)
     model = Transformer(ARCHS[name]).eval()
-    with torch.no_grad():  # biases start at zero; randomise them so the tests can see a misplaced one
+    with torch.no_grad():  # biases start at zero, QK-norms at one; randomise them so the tests see a misplaced one
         for n, p in model.named_parameters():
             if n.endswith("bias"):
                 p.normal_(0, 0.1)
+            elif n.endswith(("q_norm.weight", "k_norm.weight")):
+                p.normal_(1.0, 0.3)
     return model
 
 
@@ -128,7 +141,7 @@ def test_too_long_input_is_refused():
         model(torch.zeros(1, 33, dtype=torch.long))
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "qwen3"])
 def test_one_token_step_traces_once(name):
     """Positions live in a tensor and attention reads the whole cache under a mask, so decoding compiles once."""
     model = build(name)
@@ -189,3 +202,24 @@ def test_column_major_weights_compute_the_same(name):
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(m.weight.t().is_contiguous() == (m.out_features >= m.in_features) for m in linears)
     assert (model.embed_tokens.weight is model.lm_head.weight) == ARCHS[name].tie_embeddings
+
+
+def test_qk_norm_is_per_head_rmsnorm_initialised_to_one_and_generates_as_full_forward():
+    """QK-norm adds one (D,) weight per q and k, reset to ones (like every norm), and greedy decoding through the
+    KV cache picks what argmax over a full forward pass of the whole sequence picks."""
+    from nomoat.generate import generate_tokens
+
+    cfg = ARCHS["qwen3"]
+    attn = Transformer(cfg).layers[0].self_attn
+    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (cfg.dim_head,)
+    assert attn.q_norm.weight.eq(1).all() and attn.k_norm.weight.eq(1).all() and attn.q_norm.bias is None
+    assert Transformer(ARCHS["llama-gqa"]).layers[0].self_attn.q_norm is None
+    model = build("qwen3")
+    assert sum("q_norm" in n or "k_norm" in n for n, _ in model.named_parameters()) == 2 * cfg.n_layer
+    prompt = torch.randint(0, 97, (6,)).tolist()
+    mine = list(generate_tokens(model, prompt, max_new_tokens=20, temperature=0, compile=False))
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(20):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert mine == ids[len(prompt) :]

@@ -34,6 +34,7 @@ from nomoat.tokenizer import Tokenizer
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "gptneox": "GPTNeoXForCausalLM",
 }
@@ -64,7 +65,10 @@ _NEOX = {
     "blk.N.ffn_norm": "gpt_neox.layers.N.post_attention_layernorm",
     "blk.N.ffn_up": "gpt_neox.layers.N.mlp.dense_h_to_4h", "blk.N.ffn_down": "gpt_neox.layers.N.mlp.dense_4h_to_h",
 }  # fmt: skip
-_KEY_MAPS = {"llama": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2, "gptneox": _NEOX}
+_QWEN3 = _LLAMA | {
+    "blk.N.attn_q_norm": "model.layers.N.self_attn.q_norm", "blk.N.attn_k_norm": "model.layers.N.self_attn.k_norm",
+}  # fmt: skip
+_KEY_MAPS = {"llama": _LLAMA, "qwen2": _LLAMA, "qwen3": _QWEN3, "gpt2": _GPT2, "gptneox": _NEOX}
 
 # tokenizer.ggml.pre -> the regexes llama.cpp splits text with, applied in turn (src/llama-vocab.cpp).
 _GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"

@@ -43,6 +43,7 @@ GGUF_ARCH = {
     "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
     "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA,  # llama.cpp's converter files Mistral under llama
     "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,
+    "Qwen3ForCausalLM": gguf.MODEL_ARCH.QWEN3,  # Qwen2's layout plus attn_q_norm/attn_k_norm; q and k unpermuted
     "GPT2LMHeadModel": gguf.MODEL_ARCH.GPT2,
     "GPTNeoXForCausalLM": gguf.MODEL_ARCH.GPTNEOX,
 }
@@ -465,11 +466,11 @@ def _adapter_pairs(src: Checkpoint | str | Path) -> tuple[ModelConfig, float, di
 
 def adapter_to_gguf(ckpt_or_folder: Checkpoint | str | Path, out: str | Path) -> Path:
     """A LoRA adapter in llama.cpp's adapter GGUF (convert_lora_to_gguf.py's), to load with `--lora` over the
-    base model's GGUF. LLaMA, Mistral and Qwen2 only: GPT-2 and NeoX fuse q, k and v into one tensor."""
+    base model's GGUF. LLaMA, Mistral, Qwen2 and Qwen3 only: GPT-2 and NeoX fuse q, k and v into one tensor."""
     cfg, alpha, pairs = _adapter_pairs(ckpt_or_folder)
     arch = architecture_of(cfg)
-    if GGUF_ARCH[arch] not in (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.QWEN2):
-        raise UserError(f"LoRA adapters export to GGUF for LLaMA, Mistral and Qwen2 only, not {arch}")
+    if GGUF_ARCH[arch] not in (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.QWEN2, gguf.MODEL_ARCH.QWEN3):
+        raise UserError(f"LoRA adapters export to GGUF for LLaMA, Mistral, Qwen2 and Qwen3 only, not {arch}")
     if "lm_head" in pairs and cfg.tie_embeddings:
         raise UserError("the adapter changes lm_head, which this model ties to its embedding; llama.cpp cannot")
     names = gguf.get_tensor_name_map(GGUF_ARCH[arch], cfg.n_layer)

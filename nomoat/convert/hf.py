@@ -1,8 +1,9 @@
 """Hugging Face checkpoints in and out: config.json <-> ModelConfig, and literal per-architecture key maps.
 
-Supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPTNeoXForCausalLM, GPT2LMHeadModel. The fused
-GPT-2 `c_attn` (a Conv1D, stored input-major) and the NeoX per-head `query_key_value` are split here so that the
-model itself only knows q/k/v. Not here: tokenizer logic (tokenizer.py) and the model's math (model.py).
+Supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GPTNeoXForCausalLM,
+GPT2LMHeadModel. The fused GPT-2 `c_attn` (a Conv1D, stored input-major) and the NeoX per-head `query_key_value`
+are split here so that the model itself only knows q/k/v. Not here: tokenizer logic (tokenizer.py) and the model's
+math (model.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,15 @@ from nomoat.errors import UserError
 from nomoat.files import atomic_folder, read_json
 from nomoat.tokenizer import Tokenizer
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPTNeoXForCausalLM", "GPT2LMHeadModel")
-LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+ARCHITECTURES = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPTNeoXForCausalLM",
+    "GPT2LMHeadModel",
+)  # fmt: skip
+LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+MODEL_TYPES = {
+    "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}  # fmt: skip
 # Files copied verbatim between a Hugging Face folder and a nomoat checkpoint, so nothing the user had is lost
 # (chat_template.jinja is not among them: Tokenizer.save writes it).
 SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -91,25 +99,32 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         )  # fmt: skip
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise UserError(f"config.json: {arch} with attention_bias or mlp_bias is not supported")
+    if arch == "Qwen3ForCausalLM" and hf.get("use_sliding_window"):
+        raise UserError("config.json: Qwen3ForCausalLM with use_sliding_window is not supported")
     window = hf.get("sliding_window") if hf.get("use_sliding_window", arch == "MistralForCausalLM") else None
     if window and window < common["max_seq_len"]:
         common["max_seq_len"] = window  # within one window, sliding-window attention is plain causal attention
     return ModelConfig(
         **common, n_kv_head=hf.get("num_key_value_heads") or heads, norm="rmsnorm",
         norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", bias=False, qkv_bias=arch == "Qwen2ForCausalLM",
-        init="normal", init_std=hf.get("initializer_range", 0.02),
+        qk_norm=arch == "Qwen3ForCausalLM", init="normal", init_std=hf.get("initializer_range", 0.02),
     )  # fmt: skip
 
 
 def architecture_of(cfg: ModelConfig) -> str:
     """The Hugging Face class that expresses a nomoat config, for models trained here."""
+    llama_block = cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.pos_emb == "rope" and not cfg.bias
+    if cfg.qk_norm and (not llama_block or cfg.qkv_bias):  # Qwen3's attention_bias would add an o_proj bias too
+        raise UserError(
+            "model.qk_norm matches a Hugging Face architecture (Qwen3) only with rmsnorm, swiglu, rope and no biases"
+        )
     if cfg.pos_emb == "learned" and cfg.norm == "layernorm" and cfg.bias and not cfg.parallel_residual:
         return "GPT2LMHeadModel"
     if cfg.norm == "layernorm" and cfg.pos_emb == "rope" and cfg.bias and cfg.mlp != "swiglu":
         return "GPTNeoXForCausalLM"
-    if cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.pos_emb == "rope" and not cfg.bias:
-        return "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
-    raise UserError("this model's switches match no Hugging Face architecture (GPT-2, GPT-NeoX, LLaMA, Qwen2)")
+    if llama_block:
+        return "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    raise UserError("this model's switches match no Hugging Face architecture (GPT-2, GPT-NeoX, LLaMA, Qwen2, Qwen3)")
 
 
 def config_to_hf(cfg: ModelConfig, arch: str, base: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -148,9 +163,8 @@ def config_to_hf(cfg: ModelConfig, arch: str, base: dict[str, Any] | None = None
             "hidden_act": "gelu" if cfg.mlp == "gelu" else "gelu_new", "attention_bias": True,
         }  # fmt: skip
     else:
-        model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}[arch]
         hf |= {
-            "model_type": model_type, "num_key_value_heads": cfg.kv_heads, "rms_norm_eps": cfg.norm_eps,
+            "model_type": MODEL_TYPES[arch], "num_key_value_heads": cfg.kv_heads, "rms_norm_eps": cfg.norm_eps,
             "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
         }  # fmt: skip
     return hf

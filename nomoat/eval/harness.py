@@ -89,6 +89,7 @@ class NomoatLM(TemplateLM):
         )
         return "".join(decode_stream(self.tokenizer, tokens, until))
 
+
 def main(argv: list[str] | None = None) -> None:
     """`lm_eval` with the nomoat model type registered."""
     from lm_eval.__main__ import cli_evaluate
