@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from nomoat.config import load_config
-from nomoat.data import build_shards
+from nomoat.data import build_shards, load_manifest, write_source_datasheet
 from nomoat.generate import generate_text
 from nomoat.load import load_model
 from nomoat.tokenizer import train_tokenizer
@@ -20,6 +20,11 @@ from nomoat.train import train
 
 CORPUS = Path(__file__).parent / "assets" / "tinyshakespeare.txt"
 PROMPT = "ROMEO:\n"
+SOURCE = {
+    "name": "tiny shakespeare",
+    "license": "public domain (Shakespeare's plays; the file is char-rnn's data/tinyshakespeare/input.txt)",
+    "url": "https://github.com/karpathy/char-rnn",
+}
 
 
 def run_demo(out_dir: str | Path = "runs/demo", progress: bool = True) -> dict[str, Any]:
@@ -50,6 +55,7 @@ def run_demo(out_dir: str | Path = "runs/demo", progress: bool = True) -> dict[s
     tokenizer.save(cfg.data.tokenizer)
     say("[2/4] building token shards", file=sys.stderr)
     build_shards([corpus / "train.txt"], tokenizer, cfg.data.shards, val_inputs=[corpus / "val.txt"], progress=progress)
+    write_source_datasheet(Path(cfg.data.shards), load_manifest(cfg.data.shards), SOURCE)  # travels with the model
     say(
         f"[3/4] training {cfg.model.n_layer} layers x {cfg.model.d_model} for {cfg.train.steps} steps",
         file=sys.stderr,

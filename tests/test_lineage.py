@@ -1,6 +1,7 @@
 """Lineage: the corpus datasheet travels into every checkpoint, and `nomoat info` reports it."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,18 @@ def test_datasheet_travels_into_checkpoints_and_info_reports_it(tmp_path: Path) 
     proc = subprocess.run([sys.executable, "-m", "nomoat.cli", "info", str(tmp_path / "run"), "--json"],
                           capture_output=True, text=True, check=True)  # fmt: skip
     assert json.loads(proc.stdout.splitlines()[-1])["data"][0]["url"] == "https://example.org/plays"
+
+
+def test_the_demo_corpus_carries_its_licence_into_the_model(shakespeare_shards, tmp_path: Path) -> None:
+    """Shards built straight from files (as the demo builds the bundled Shakespeare) get a datasheet too."""
+    from nomoat.data import load_manifest, write_source_datasheet
+    from nomoat.demo import SOURCE
+
+    shards = tmp_path / "shards"
+    shutil.copytree(shakespeare_shards[0], shards)
+    sheet = write_source_datasheet(shards, load_manifest(shards), SOURCE)
+    assert sheet["splits"]["val"]["tokens"] > 0 and len(sheet["sources"][0]["files"]) == 2
+    cfg = tiny_run((shards, shakespeare_shards[1]), tmp_path / "run", steps=1, save_every=0, eval_every=0)
+    train(cfg, progress=False)
+    [source] = lineage(tmp_path / "run")["data"]
+    assert source["name"] == "tiny shakespeare" and source["license"].startswith("public domain")

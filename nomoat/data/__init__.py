@@ -3,6 +3,7 @@ cleaned, deduplicated, weighted sources (recipe.py, stages.py) built into shards
 a datasheet (datasheet.py); and shards to training and eval batches (loader.py)."""
 
 from nomoat.data.corpus import build_corpus
+from nomoat.data.datasheet import write_source_datasheet
 from nomoat.data.formats import read_documents
 from nomoat.data.loader import ShardSet, TokenLoader, iter_eval_batches
 from nomoat.data.recipe import load_recipe
@@ -18,4 +19,5 @@ __all__ = [
     "load_manifest",
     "load_recipe",
     "read_documents",
+    "write_source_datasheet",
 ]

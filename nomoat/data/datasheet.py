@@ -103,3 +103,28 @@ def plot_mixture(sheet: dict, path: Path) -> None:
     ax.set_title("corpus mixture")
     fig.tight_layout()
     fig.savefig(path, format="png", metadata={"Software": None})  # no version string in the file
+
+
+def write_source_datasheet(folder: Path, manifest: dict, source: dict[str, str]) -> dict:
+    """datasheet.json (and .md) for shards built straight from files of one known source rather than from a
+    recipe: its name, licence and origin, and each input file's hash and counts, which `nomoat info` reads from
+    every checkpoint trained on them. The demo writes one for the bundled Shakespeare."""
+    files = manifest["inputs"] + manifest.get("val_inputs", [])
+    sheet = {
+        "tokenizer_sha256": manifest["tokenizer_sha256"],
+        "sources": [
+            {
+                **source,
+                "files": [{"path": f["path"], "sha256": f["sha256"], "bytes": f["bytes"]} for f in files],
+                "documents_out": sum(f["documents"] for f in files),
+                "bytes_out": sum(f["bytes"] for f in files),
+                "tokens_out": sum(f["tokens"] for f in files),
+            }
+        ],
+        "splits": {name: {k: s[k] for k in ("documents", "tokens", "bytes")} for name, s in manifest["splits"].items()},
+    }
+    (folder / "datasheet.json").write_text(json.dumps(sheet, indent=2, sort_keys=True) + "\n")
+    md = [f"# Datasheet\n\n{source['name']}: {source['license']}, from {source['url']}.\n"]
+    md += [f"- `{f['sha256']}` {f['path']} ({f['bytes']:,} bytes)" for f in sheet["sources"][0]["files"]]
+    (folder / "datasheet.md").write_text("\n".join(md) + "\n")
+    return sheet
