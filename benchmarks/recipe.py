@@ -39,7 +39,7 @@ OLD_PRESET = {
         "warmup_steps": 50, "decay_frac": 0.3, "weight_decay": 0.1, "beta2": 0.99, "dtype": "float32",
     },
 }  # fmt: skip
-MUON, QK = {"optimizer": "muon"}, {"qk_norm": True}
+MUON, QK = {"optimizer": "muon", "muon_lr": 0.04}, {"qk_norm": True}
 VARIANTS: list[tuple[str, dict[str, dict[str, Any]] | None]] = [
     ("old preset: AdamW, fp32", {}),
     ("+ Muon", {"train": MUON}),

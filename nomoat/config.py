@@ -56,6 +56,7 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3; per head, unlike OLMo 2)
     tie_embeddings: bool = True
     init: Literal["gpt2", "neox", "normal"] = "gpt2"
+    dropout: float = 0.0  # on each block's attention and MLP output while training: small corpora seen many times
     init_std: float = 0.02
     # Weight-only int8/int4 for inference that a checkpoint holds (`nomoat convert quantize`); None: float weights
     quantize: Literal["int8", "int4"] | None = None
@@ -69,6 +70,8 @@ class ModelConfig:
             raise UserError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
         if self.n_head % self.kv_heads:
             raise UserError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.kv_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 < self.rotary_pct <= 1.0:
             raise UserError(f"model.rotary_pct must be in (0, 1], got {self.rotary_pct}")
         if self.pos_emb == "rope" and self.rotary_dim % 2:

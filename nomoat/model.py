@@ -221,7 +221,7 @@ def _joined(*parts: nn.Linear) -> nn.Linear:
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.parallel = cfg.parallel_residual
+        self.parallel, self.p = cfg.parallel_residual, cfg.dropout
         self.input_layernorm = Norm(cfg)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = Norm(cfg)
@@ -236,11 +236,12 @@ class Block(nn.Module):
         pos: torch.Tensor,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        drop = (lambda y: F.dropout(y, self.p, training=True)) if self.p and self.training else (lambda y: y)
         if self.parallel:  # GPT-J/NeoX: x + attn(ln1(x)) + mlp(ln2(x))
             attn = self.self_attn(self.input_layernorm(x), rope, cache, pos, mask)
-            return x + attn + self.mlp(self.post_attention_layernorm(x))
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, pos, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+            return x + drop(attn) + drop(self.mlp(self.post_attention_layernorm(x)))
+        x = x + drop(self.self_attn(self.input_layernorm(x), rope, cache, pos, mask))
+        return x + drop(self.mlp(self.post_attention_layernorm(x)))
 
 
 class Transformer(nn.Module):

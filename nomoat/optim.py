@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from nomoat.config import TrainConfig
+from nomoat.device import cpu_flags, native_bf16
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -57,11 +58,17 @@ class Optimizers(list):
             group["lr"] = lr * group["lr_scale"]
 
 
-def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+def newton_schulz(
+    g: torch.Tensor,
+    coefficients: tuple[float, float, float],
+    steps: int,
+    eps: float,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """The quintic Newton–Schulz iteration that torch.optim.Muon runs (in bf16, on the wide orientation):
     it maps g = U S V^T to about U V^T, with singular values left near but not at 1."""
     a, b, c = coefficients
-    x = g.bfloat16()
+    x = g.to(dtype)
     tall = g.size(0) > g.size(1)
     x = x.T if tall else x
     x.div_(x.norm().clamp(min=eps))
@@ -72,17 +79,25 @@ def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], ste
 
 
 class Muon(torch.optim.Muon):
-    """torch.optim.Muon, and under FSDP2 each sharded matrix's update gathered whole once per step.
+    """torch.optim.Muon; under FSDP2 each sharded matrix's update gathered whole once per step; and on a CPU
+    without native bf16, the iteration in fp32.
 
     Orthogonalising needs the whole matrix. Left to DTensor, each Newton–Schulz product would communicate on
     its own (measured 10x slower than one process); here the momentum stays sharded (elementwise, local), every
     rank all-gathers the update once, orthogonalises it (the same arithmetic on each rank) and applies its own
-    rows. The extra cost is one all-gather of the hidden matrices per step, as FSDP's forward already does."""
+    rows. The extra cost is one all-gather of the hidden matrices per step, as FSDP's forward already does.
+    torch's Muon iterates in bf16, which a CPU without AVX512-BF16/AMX emulates slowly; `ns_dtype` fp32 there
+    keeps the iteration on the fast fp32 kernels (the same arithmetic, rounded less)."""
+
+    def __init__(self, params: Any, *, ns_dtype: torch.dtype = torch.bfloat16, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         group = self.param_groups[0]
-        if not any(hasattr(p, "full_tensor") for p in group["params"]):
+        sharded = any(hasattr(p, "full_tensor") for p in group["params"])
+        if not sharded and self.ns_dtype == torch.bfloat16:
             return super().step(closure)
         lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
         for p in group["params"]:
@@ -94,11 +109,12 @@ class Muon(torch.optim.Muon):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - momentum)
             update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-            whole = newton_schulz(update.full_tensor(), group["ns_coefficients"], group["ns_steps"], group["eps"])
-            mesh = p.device_mesh
-            mine = whole.chunk(mesh.size(), dim=0)  # FSDP2 shards dim 0 as torch.chunk does
-            rank = mesh.get_local_rank()
-            local = p.to_local()
+            whole = update.full_tensor() if sharded else update
+            ortho = newton_schulz(whole, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+            local, rank, mine = p, 0, [ortho]
+            if sharded:
+                local, rank = p.to_local(), p.device_mesh.get_local_rank()
+                mine = ortho.chunk(p.device_mesh.size(), dim=0)  # FSDP2 shards dim 0 as torch.chunk does
             local.mul_(1 - lr * wd)
             if rank < len(mine) and local.numel():
                 local.add_(mine[rank], alpha=-lr * math.sqrt(max(1, p.shape[0] / p.shape[1])))
@@ -138,8 +154,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     if not (muon and hidden):
         return Optimizers([adamw])
     # "original": each update scaled by sqrt(max(1, rows / cols)), as Keller Jordan's and nanochat's Muon
+    bf16 = device.type != "cpu" or native_bf16(cpu_flags())
     orth = Muon(
-        hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, adjust_lr_fn="original"
-    )
+        hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, adjust_lr_fn="original",
+        ns_dtype=torch.bfloat16 if bf16 else torch.float32,
+    )  # fmt: skip
     orth.param_groups[0]["lr_scale"] = cfg.muon_lr / cfg.lr
     return Optimizers([orth, adamw])

@@ -75,7 +75,7 @@ def config_text(cfg: RunConfig) -> str:
 
 
 UNDECIDED_STEPS = 2**62  # a time-budgeted run's step count until its first steps are timed
-BUDGET_PROBE_STEPS = 10  # steps timed to fix it
+BUDGET_PROBE_STEPS, BUDGET_PROBE_SHARE = 10, 0.05  # it is fixed after >= 10 steps and 5% of the budget
 
 
 class StopFlag:
@@ -275,17 +275,19 @@ class Run:
         self.decisions |= {"steps": steps, "steps_reason": reason}
 
     def spend_budget(self, step: int) -> bool:
-        """For train.time_budget: time the steps after the first (which compiles and warms caches), then fix
-        the step count that fills the budget, so that the schedule decays to the end. True once fixed."""
+        """For train.time_budget: time the steps after the first (which compiles and warms caches) over 5% of
+        the budget, then fix the step count that fills it, so that the schedule decays to the end. The decision
+        is all-or-nothing from then on (train time, not validation, counts). True once fixed."""
         if not self.tc.time_budget or "steps" in self.decisions:
             return False
         if step == 1:
             self.budget_start = self.clock.now()
             return False
-        if step < 1 + BUDGET_PROBE_STEPS:
-            return False
         now = self.clock.now()
-        per_step = distributed.from_main((now - self.budget_start) / BUDGET_PROBE_STEPS, self.world)
+        timed = now - self.budget_start
+        if step < 1 + BUDGET_PROBE_STEPS or timed < BUDGET_PROBE_SHARE * self.tc.time_budget:
+            return False
+        per_step = distributed.from_main(timed / (step - 1), self.world)
         steps = step + max(0, int((self.tc.time_budget - now) / per_step))
         self.fix_steps(steps, f"train.time_budget {self.tc.time_budget:g}s at {per_step:.3f}s per step")
         self.log({"step": step, "elapsed_s": now, "steps": steps, "steps_reason": self.decisions["steps_reason"]})

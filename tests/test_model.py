@@ -223,3 +223,25 @@ def test_qk_norm_is_per_head_rmsnorm_initialised_to_one_and_generates_as_full_fo
         for _ in range(20):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert mine == ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_dropout_acts_in_training_only(parallel):
+    """model.dropout zeroes part of each block's attention and MLP output while training; eval and generation
+    compute exactly what the same weights compute without it, so exports need not know of it."""
+    cfg = dict(TINY, dropout=0.3, parallel_residual=parallel)
+    torch.manual_seed(0)
+    dropped = Transformer(ModelConfig(**cfg))
+    plain = Transformer(ModelConfig(**{**cfg, "dropout": 0.0}))
+    plain.load_state_dict(dropped.state_dict())
+    x = torch.randint(97, (2, 16))
+    assert torch.equal(dropped.eval()(x), plain.eval()(x))
+    dropped.train()
+    a, b = dropped(x), dropped(x)
+    assert not torch.allclose(a, b) and not torch.allclose(a, plain(x))
+    torch.manual_seed(1)
+    c = dropped(x)
+    torch.manual_seed(1)
+    assert torch.equal(c, dropped(x))  # drawn from torch's generator, which checkpoints save and restore
+    with pytest.raises(Exception, match="model.dropout must be in"):
+        ModelConfig(**{**cfg, "dropout": 1.0})

@@ -102,3 +102,24 @@ def test_adamw_decays_matrices_only():
     (adamw,) = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
     for group in adamw.param_groups:
         assert group["weight_decay"] == (0.1 if group["params"][0].dim() == 2 else 0.0)
+
+
+def test_without_native_bf16_muon_iterates_in_fp32(monkeypatch):
+    """A CPU that emulates bf16 gets the same update from the fp32 iteration, rounded less."""
+    monkeypatch.setattr("nomoat.optim.cpu_flags", lambda: {"avx2", "fma"})
+    model = tiny_model()
+    tc = TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.1)
+    opt = make_optimizer(model, tc, torch.device("cpu"))
+    assert opt[0].ns_dtype == torch.float32
+    opt.set_lr(tc.lr)
+    name = "layers.0.mlp.up_proj.weight"
+    w = dict(model.named_parameters())[name]
+    before = w.detach().double().clone()
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+    g = w.grad.double().clone()
+    opt.step()
+    scale = math.sqrt(max(1.0, w.size(0) / w.size(1)))
+    expected = before * (1 - 0.02 * 0.1) - 0.02 * scale * reference_newton_schulz(g + 0.95 * 0.05 * g)
+    assert (w.detach().double() - expected).abs().max() < 1e-4 * 0.02 * scale
+    assert opt[0].state[w]["momentum_buffer"].dtype == torch.float32
