@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from nomoat.config import ModelConfig, TrainConfig
-from nomoat.device import autocast_for
+from nomoat.device import autocast_for, cpu_description
 from nomoat.model import Transformer
 from nomoat.optim import lr_at, make_optimizer
 from nomoat.train import train_step
@@ -132,16 +132,10 @@ def main() -> None:
     results = [measure(args, d) for d in (("float32", "bfloat16") if args.dtype == "both" else (args.dtype,))]
     if len(results) == 2:
         key = "nomoat_eager/hf" if "nomoat_eager/hf" in results[0]["ratios"] else next(iter(results[0]["ratios"]))
-        print(f"summary ({cpu_flags()}): {key} " + ", ".join(f"{r['dtype']} {r['ratios'][key]:.2f}x" for r in results))
+        ratios = ", ".join(f"{r['dtype']} {r['ratios'][key]:.2f}x" for r in results)
+        print(f"summary ({cpu_description()}): {key} {ratios}")
     if args.json:
-        print(json.dumps(results[0] if len(results) == 1 else {"cpu": cpu_flags(), "runs": results}))
-
-
-def cpu_flags() -> str:
-    """The CPU features that decide bf16 speed, to print next to every figure."""
-    from nomoat.device import cpu_description
-
-    return cpu_description()
+        print(json.dumps(results[0] if len(results) == 1 else {"cpu": cpu_description(), "runs": results}))
 
 
 def measure(args: argparse.Namespace, dtype: str) -> dict:

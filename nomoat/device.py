@@ -7,6 +7,7 @@ under torchrun (distributed.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -56,31 +57,31 @@ def peak_flops(device: torch.device) -> float:
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), 0.0)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (x86 `flags`, Arm `Features`), empty where /proc/cpuinfo is not there."""
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's /proc/cpuinfo fields, read once per process (empty where there is none)."""
     try:
-        text = open("/proc/cpuinfo").read()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return {}
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (x86 `flags`, Arm `Features`), empty where /proc/cpuinfo is not there."""
+    info = _cpuinfo()
+    return set((info.get("flags") or info.get("Features") or "").split())
 
 
 def cpu_description() -> str:
     """CPU model and the features that decide matrix speed, to print next to every published figure."""
     import platform
 
-    name = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo").read().splitlines():
-            if line.startswith("model name"):
-                name = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
+    name = _cpuinfo().get("model name") or platform.processor() or platform.machine()
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "bf16", "asimd", "sve")
     flags = " ".join(f for f in wanted if f in cpu_flags()) or "no AVX2/AVX-512/AMX"
     return f"{name}, {torch.get_num_threads()} threads, {flags}"
