@@ -71,7 +71,7 @@ def main() -> None:
     def step(i: int) -> torch.Tensor:
         optimizer.set_lr(lr_at(i, tc))
         b = data[i % len(data)]
-        loss, _ = train_step(forward, model, optimizer, [(b[:, :-1], b[:, 1:])], tc, autocast, device)
+        loss, _, _ = train_step(forward, model, optimizer, [(b[:, :-1], b[:, 1:])], tc, autocast, device)
         return loss
 
     for i in range(args.warmup):

@@ -3,7 +3,8 @@
 A checkpoint is a folder `step_00001000/` holding `model.safetensors`, `config.toml`, `tokenizer.json`, the data
 `manifest.json`, `trainer.pt` (step, RNG and loader state: tensors and plain values only, read back with
 `weights_only=True`) and `state/`: model and optimizer by parameter name in `torch.distributed.checkpoint`'s
-format, where each rank writes its own shards and any world size reads them back. It is built in a temporary
+format, where each rank writes its own shards and any world size reads them back (of a model with frozen
+weights, such as a LoRA base, only what trains: `frozen_sha256` identifies the rest). It is built in a temporary
 folder and renamed into place, so a save that fails midway leaves the previous checkpoint untouched. Sharded
 (FSDP) runs skip `model.safetensors`; `consolidate` streams it out of `state/` one tensor at a time.
 Not here: other formats and adapters, which commands load through load.py.
@@ -11,6 +12,7 @@ Not here: other formats and adapters, which commands load through load.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -133,12 +135,39 @@ def write_files(
         shutil.copy(extra, folder / extra.name)
 
 
+def has_frozen(model: torch.nn.Module) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def frozen_sha256(model: torch.nn.Module) -> str | None:
+    """sha256 of what does not train (frozen parameters and buffers, by name, dtype and shape) of a model with
+    frozen parameters, such as a LoRA base; None when everything trains. Its checkpoints' state/ holds only
+    what trains, since the rest is rebuilt from the base, and this hash shows on resume that it was rebuilt the
+    same. Taken from the plain model, before any sharding."""
+    if not has_frozen(model):
+        return None
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name not in trainable:
+            t = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name} {t.dtype} {tuple(tensor.shape)}\n".encode())
+            digest.update(t.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def _train_state(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
 ) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    """Model and optimizer state by parameter name. For a model with frozen parameters (LoRA, QLoRA) only the
+    trainable ones: the frozen base, and buffers such as its NF4 codes, come back from the base on resume."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    frozen = has_frozen(model)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=frozen))
+    if frozen:
+        buffers = {name for name, _ in model.named_buffers()}
+        model_sd = {k: v for k, v in model_sd.items() if k not in buffers}
     return {"model": model_sd, "optim": optim_sd}
 
 
@@ -146,14 +175,15 @@ def load_train_state(
     folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
 ) -> None:
     """Model and optimizer from state/, resharded to however this run is laid out (1 process, DDP or FSDP)."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     if not (folder / "state" / ".metadata").is_file():
         raise UserError(f"{folder}: no state/ (model and optimizer), so training cannot resume from it")
     _state_metadata(folder)
     state = _train_state(model, optimizer)
     _dcp_load(folder, state, no_dist=not torch.distributed.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    options = StateDictOptions(strict=not has_frozen(model))  # a LoRA run's state holds what trains, no more
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
 
 
 class _MetadataUnpickler(pickle.Unpickler):

@@ -69,8 +69,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from nomoat.data import read_documents
     from nomoat.tokenizer import train_tokenizer
 
-    docs = (doc for path in args.inputs for doc in read_documents(path))
-    tok = train_tokenizer(docs, args.vocab_size)
+    tok = train_tokenizer(read_documents(*args.inputs), args.vocab_size)  # the files data build would read
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tok.save(args.out)
     line = f"wrote {args.out}: {tok.vocab_size} tokens, sha256 {tok.sha256[:12]}"
@@ -117,22 +116,27 @@ def cmd_data_build_recipe(args: argparse.Namespace) -> None:
         ray_address=args.ray_address,
     )
     sources = {s["name"]: s["tokens_out"] for s in sheet["sources"]}
-    _report_shards(args, sheet["splits"], start, {"sources": sources}, ", datasheet.md and mixture.png")
+    extra = {"sources": sources, "skipped": sheet.get("skipped", False)}
+    if extra["skipped"]:  # said, lest an unchanged rerun look like a build that took no time
+        head = f"skipped the build: {args.out} is up to date with {args.inputs[0]}, its tokenizer and inputs"
+        _report_shards(args, sheet["splits"], start, extra, " (--force rebuilds)", head)
+    else:
+        _report_shards(args, sheet["splits"], start, extra, ", datasheet.md and mixture.png")
 
 
 def _report_shards(
-    args: argparse.Namespace, splits: dict, start: float, extra: dict | None = None, also: str = ""
+    args: argparse.Namespace, splits: dict, start: float, extra: dict | None = None, also: str = "", head: str = ""
 ) -> None:
-    """The line and --json summary of a shard build, from files or from a recipe."""
+    """The line and --json summary of a shard build, from files or from a recipe (head: instead of "wrote OUT")."""
     summary = {"out": args.out, "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"]}
     summary |= {**(extra or {}), "seconds": round(time.perf_counter() - start, 3)}
     tokens = f"{summary['train_tokens']:,} train and {summary['val_tokens']:,} val tokens"
-    _report(args, f"wrote {args.out}: {tokens}{also}", summary)
+    _report(args, f"{head or f'wrote {args.out}'}: {tokens}{also}", summary)
 
 
 def cmd_train(args: argparse.Namespace, overrides: dict[str, str], argv: list[str]) -> int:
-    from nomoat.config import load_config
-    from nomoat.train import train
+    from nomoat.config import load_config, set_by_user
+    from nomoat.train import train, vocab_from_tokenizer
 
     cfg = load_config(args.config, overrides)  # a bad config is reported once, before any rank starts
     if args.nproc > 1:  # re-enter this command under torchrun, one process per rank
@@ -143,6 +147,10 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str], argv: list[st
             args.nproc, [a for i, a in enumerate(argv) if i not in drop | {j + 1 for j in drop} and "--nproc=" not in a]
         )
         return 0
+    if not set_by_user(args.config, overrides, "model.vocab_size"):  # a preset's vocabulary follows the tokenizer
+        cfg, line = vocab_from_tokenizer(cfg)
+        if line and os.environ.get("RANK", "0") == "0":
+            print(f"nomoat: {line}", file=sys.stderr)
     return _run_training(args, lambda: train(cfg, resume=args.resume, progress=not args.json))
 
 
@@ -152,10 +160,40 @@ def cmd_finetune(args: argparse.Namespace, overrides: dict[str, str]) -> int:
 
     raw = read_toml(resolve_preset(args.config)) if args.config else {}
     raw.pop("model", None)  # the model is the base's
-    flags = {"finetune.base": args.base, "finetune.data": args.data, "finetune.method": args.method}
+    method, objective = args.method, args.objective
+    if method == "dpo":  # what users type: shorthand for DPO with LoRA
+        if objective not in (None, "dpo"):
+            raise UserError(f"--method dpo means --objective dpo (with LoRA), not --objective {objective}")
+        method, objective = "lora", "dpo"
+    flags = {"finetune.base": args.base, "finetune.data": args.data, "finetune.method": method}
+    flags["finetune.objective"] = objective
     overrides = {**{k: v for k, v in flags.items() if v is not None}, **overrides}
     cfg = from_dict(apply_overrides(raw, overrides), where=args.config or "finetune")
     return _run_training(args, lambda: finetune(cfg, resume=args.resume, progress=not args.json))
+
+
+def cmd_run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
+    from nomoat.pipeline import StageInterrupted, run_recipe
+    from nomoat.run_recipe import load_run_recipe
+
+    recipe = load_run_recipe(args.recipe, overrides)
+    try:
+        pipeline = run_recipe(recipe, nproc=args.nproc, start_from=args.start_from, progress=not args.json)
+    except StageInterrupted as e:
+        print(f"nomoat: {e}", file=sys.stderr)
+        return 128 + e.signum
+    outputs = pipeline.outputs
+    model = outputs.get("model", {}).get("model")
+    lines = [f"run folder: {recipe.out_dir}"]
+    if "report" in outputs:
+        lines.append(f"report card: {outputs['report']['html']} (and report.md)")
+    if model:
+        lines += [
+            f"talk to it:  nomoat chat {model}",
+            f"serve it:    nomoat serve {model} --name {recipe.name}  (OpenAI API, chat page)",
+        ]
+    _report(args, "\n".join(lines), {"run": recipe.out_dir, "model": model, "stages": outputs})
+    return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -163,18 +201,19 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
     result = merge(args.adapter, args.out, base=args.base, requantize=args.requantize, data=args.data)
     line = f"wrote merged checkpoint {result['out']}"
-    if result["bpb_change"] is not None:
-        line += f"; bits per byte {result['bpb_before']:.4f} -> {result['bpb_after']:.4f} ({result['bpb_change']:+.4f})"
+    if result["bpb_change"] is not None:  # before: the base alone; after: the merged model
+        before, after, change = result["bpb_before"], result["bpb_after"], result["bpb_change"]
+        line += f"; bits per byte on the fine-tuning data: base {before:.4f} -> merged {after:.4f} ({change:+.4f})"
     _report(args, line, result)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from nomoat.chat import stream_reply
     from nomoat.generate import AUTO_COMPILE_TOKENS, warm_up
 
     ckpt = _load(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("chat: an empty line or Ctrl-D ends, /reset forgets the conversation", file=sys.stderr)
+    print("chat: an empty line, Ctrl-D or Ctrl-C ends; Ctrl-C during a reply stops it; /reset forgets the "
+          "conversation", file=sys.stderr)  # fmt: skip
     # the decode step compiles while the first message is typed, so that the first reply does not wait for it
     warming = threading.Thread(target=warm_up, args=(ckpt.model,), daemon=True)
     if args.max_new_tokens >= AUTO_COMPILE_TOKENS:
@@ -182,7 +221,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     while True:
         try:
             line = input("> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-C at the prompt ends the chat, as Ctrl-D does
             line = ""
             print()
         if warming.is_alive():  # also before leaving: a compile is not cut off half-way
@@ -192,14 +231,28 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if line == "/reset":
             messages = messages[:1] if args.system else []
             continue
-        messages.append({"role": "user", "content": line})
-        sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
-        pieces = []
+        messages = _chat_turn(args, ckpt, [*messages, {"role": "user", "content": line}])
+
+
+def _chat_turn(args: argparse.Namespace, ckpt: Any, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Stream the reply to the conversation's last message; the conversation with the reply appended.
+
+    Ctrl-C stops the reply and keeps the part already shown as the assistant's turn, so that what the model
+    sees next is what the user saw; stopped before any text, the user's message is withdrawn too."""
+    from nomoat.chat import stream_reply
+
+    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    pieces, stopped = [], False
+    try:
         for piece in stream_reply(ckpt.model, ckpt.tokenizer, messages, seed=args.seed, **sampling):
             pieces.append(piece)
             print(piece, end="", flush=True)
-        print()
-        messages.append({"role": "assistant", "content": "".join(pieces).strip()})
+    except KeyboardInterrupt:
+        stopped = True
+        print(" [stopped]", end="", flush=True)
+    print()
+    reply = "".join(pieces).strip()
+    return messages[:-1] if stopped and not reply else [*messages, {"role": "assistant", "content": reply}]
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -223,6 +276,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         _print_json({"text": text, "tokens": len(ckpt.tokenizer.encode(text)), "seconds": seconds, **speeds(stats)})
     else:
         print()
+    if stats.get("finish") == "context":  # fewer tokens than asked for, which the user should not have to count
+        context = ckpt.model.cfg.max_seq_len
+        print(f"nomoat: stopped at the model's context of {context} tokens (prompt {stats['prompt_tokens']:.0f}, "
+              f"{context - stats['prompt_tokens']:.0f} new), before --max-new-tokens {args.max_new_tokens}",
+              file=sys.stderr)  # fmt: skip
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -289,11 +347,16 @@ def cmd_convert_consolidate(args: argparse.Namespace) -> None:
 def cmd_convert_to_hf(args: argparse.Namespace) -> None:
     import torch
 
+    from nomoat.card import write_model_card
     from nomoat.convert import to_hf
+    from nomoat.load import model_kind
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype or "")
     out = to_hf(_load(args), args.out, dtype=dtype)
-    print(f"wrote Hugging Face folder {out}", file=sys.stderr)
+    # the card tells what was exported: a fine-tuning run's adapter merged in is that run's model
+    tuned = args.adapter and model_kind(args.adapter) == "adapter" and (Path(args.adapter) / "config.toml").is_file()
+    write_model_card(args.adapter if tuned else args.model, out)
+    print(f"wrote Hugging Face folder {out} with a model card (README.md)", file=sys.stderr)
 
 
 def cmd_convert_to_gguf(args: argparse.Namespace) -> None:
@@ -334,20 +397,38 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(format_lineage(info))
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from nomoat.report import build_report
+
+    md, page = build_report(args.run)
+    _report(args, f"{md}\n{page}", {"markdown": md, "html": page})
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
-    from nomoat.serve.app import ServeConfig, serve  # FastAPI and uvicorn load only for this command
+    from nomoat.serve.app import ServeConfig, bind, serve  # FastAPI and uvicorn load only for this command
 
-    cfg = ServeConfig(**_fields(args, "host", "port", "api_key", "no_api_key", "max_batch", "max_queue", "max_context"))
-    # (checked before the model loads)
-    serve(_load(args), cfg)
+    flags = _fields(args, "host", "port", "api_key", "no_api_key", "max_batch", "max_queue", "max_context", "name")
+    cfg = ServeConfig(**flags)
+    with bind(cfg.host, cfg.port) as sock:  # a busy port is reported now, not after the model has loaded
+        serve(_load(args), cfg, sock)
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
+def cmd_demo(args: argparse.Namespace) -> int:
     from nomoat.demo import run_demo
+    from nomoat.train import TrainingInterrupted
 
-    result = run_demo(args.out, progress=not args.json)
+    try:  # progress goes to stderr either way; --json changes only what stdout gets
+        result = run_demo(args.out)
+    except TrainingInterrupted as e:  # the checkpoint is saved: say how to go on, as train does
+        config = e.checkpoint / "config.toml"
+        print(f"nomoat: demo {e}; continue its training with `nomoat train --config {config} --resume`, "
+              "or run `nomoat demo` again to start over", file=sys.stderr)  # fmt: skip
+        return 128 + e.signum
     if args.json:
         _print_json(result)
+    else:
+        print("-" * 60 + "\n" + result["sample"] + "\n" + "-" * 60)
+    return 0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -413,13 +494,34 @@ def _add_training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--nproc", type=int, default=1, help="processes on this machine, started with torchrun")
     p.set_defaults(func=cmd_train)
 
-    p = add("finetune", "fine-tune a model on chat, instruction or text data: full, LoRA, or LoRA over 4-bit NF4")
+    p = add(
+        "finetune",
+        "fine-tune a model on chat, instruction or text data, or by DPO on preference pairs: full, LoRA, or LoRA "
+        "over 4-bit NF4",
+    )
     p.add_argument("--base", help="nomoat checkpoint, run folder or Hugging Face folder (finetune.base)")
-    p.add_argument("--data", help=".jsonl/.json chats, Alpaca or {'text'} records, or .txt (finetune.data)")
-    p.add_argument("--method", choices=["full", "lora", "qlora"], help="finetune.method (default lora)")
+    p.add_argument(
+        "--data",
+        help=".jsonl/.json chats, Alpaca or {'text'} records, or .txt; for dpo {'prompt', 'chosen', 'rejected'} "
+        "records (finetune.data)",
+    )
+    p.add_argument(
+        "--method",
+        choices=["full", "lora", "qlora", "dpo"],
+        help="finetune.method (default lora); 'dpo' is short for --method lora --objective dpo",
+    )
+    p.add_argument(
+        "--objective", choices=["sft", "dpo"], help="finetune.objective: sft (default) or dpo on preference pairs"
+    )
     p.add_argument("--config", help="TOML with [train] and [finetune] sections, or a preset name")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
     p.set_defaults(func=cmd_finetune)
+
+    p = add("run", "run a staged recipe: corpus, tokenizer, pretrain, sft, dpo, eval, report (each optional)")
+    p.add_argument("recipe", help="a run recipe .toml, or a bundled one (chat-demo, gpt2-chat)")
+    p.add_argument("--from", dest="start_from", metavar="STAGE", help="rerun from this stage on, done or not")
+    p.add_argument("--nproc", type=int, default=1, help="processes for the training stages, started with torchrun")
+    p.set_defaults(func=cmd_run)
 
     p = add("merge", "fold a LoRA adapter into full weights (an NF4 base is dequantized, merged in fp32)")
     p.add_argument("adapter", help="a LoRA fine-tuning checkpoint or run folder, or a PEFT adapter folder")
@@ -463,6 +565,7 @@ def _add_inference_commands(add: Callable[..., argparse.ArgumentParser]) -> None
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together in one step")
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot; more get 429")
     p.add_argument("--max-context", type=int, default=4096, help="tokens per sequence, if below the model's context")
+    p.add_argument("--name", help="the model id clients send and /v1/models lists; default: the model's folder name")
     p.set_defaults(func=cmd_serve)
 
 
@@ -524,6 +627,10 @@ def _add_model_file_commands(sub: Any, add: Callable[..., argparse.ArgumentParse
     p.add_argument("model", help="checkpoint folder, run folder or Hugging Face folder")
     p.set_defaults(func=cmd_info)
 
+    p = add("report", "a run's report card: lineage with hashes, data, losses, speed, evaluation, samples")
+    p.add_argument("run", help="a `nomoat run` folder, or one `nomoat train` or `nomoat finetune` run folder")
+    p.set_defaults(func=cmd_report)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nomoat", description="Build your own language model end to end.")
@@ -574,12 +681,13 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, overrides, argv)
         if args.func is cmd_finetune:
             return cmd_finetune(args, overrides)
+        if args.func is cmd_run:
+            return cmd_run(args, overrides)
         if overrides:
             raise UserError(
-                f"config overrides such as --{next(iter(overrides))} only apply to `nomoat train` and `finetune`"
+                f"config overrides such as --{next(iter(overrides))} only apply to `nomoat train`, `finetune` and `run`"
             )
-        args.func(args)
-        return 0
+        return args.func(args) or 0  # the commands that can stop short (demo's Ctrl-C) return their status
     except UserError as e:
         if debug:
             raise

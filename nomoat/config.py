@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import sys
 import types
 import typing
@@ -165,12 +166,26 @@ class FinetuneConfig:
     double_quant: bool = True  # qlora: store the 4-bit blocks' scales in 8 bits too
     packing: bool = False  # several samples per row, no target crossing from one into the next
     overlong: Literal["truncate", "drop"] = "truncate"  # samples longer than train.seq_len + 1 tokens
+    # sft: next-token loss on the scored tokens; dpo: preference pairs {"prompt", "chosen", "rejected"} (nomoat/dpo.py)
+    objective: Literal["sft", "dpo"] = "sft"
+    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"  # ipo: arXiv:2310.12036, log-probs averaged over tokens
+    beta: float = 0.1  # how far the policy may move from the reference (IPO's tau)
+    label_smoothing: float = 0.0  # sigmoid only: the chance a preference label is flipped (conservative DPO)
+    precompute_ref: bool = False  # reference log-probs computed once up front: no reference forward per step
 
     def __post_init__(self) -> None:
         if self.lora_rank <= 0:
             raise UserError(f"finetune.lora_rank must be positive, got {self.lora_rank}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise UserError(f"finetune.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.beta <= 0:
+            raise UserError(f"finetune.beta must be positive, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise UserError(f"finetune.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.dpo_loss != "sigmoid":
+            raise UserError(f"finetune.label_smoothing applies to dpo_loss 'sigmoid' only, not {self.dpo_loss!r}")
+        if self.objective == "dpo" and self.packing:
+            raise UserError("finetune.packing does not apply to objective 'dpo': each pair is its own row")
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -352,3 +367,43 @@ def replace(cfg: RunConfig, **sections: dict[str, Any]) -> RunConfig:
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(to_toml(cfg))
+
+
+def set_by_user(name_or_path: str, overrides: dict[str, str], dotted: str) -> bool:
+    """Whether the user chose a field: as a command-line override, or in a TOML of their own. A bundled
+    preset's values are defaults for its shape, not the user's choice (model.vocab_size then follows the
+    tokenizer)."""
+    if dotted in overrides:
+        return True
+    path = resolve_preset(name_or_path)
+    if path.parent == PRESET_DIR:
+        return False
+    section, _, key = dotted.partition(".")
+    table = read_toml(path).get(section, {})
+    return isinstance(table, dict) and key in table
+
+
+# Fields that name files: saved absolute in a checkpoint's config.toml, so that it works from any directory.
+PATH_FIELDS = {"data": ("shards", "tokenizer"), "train": ("out_dir",), "finetune": ("base", "data", "val_data")}
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
+def _absolute_task(arg: str) -> str:
+    """`NAME=DATA.jsonl` or `TASK.toml[=DATA.jsonl]` (nomoat.eval.tasks) with its file paths made absolute."""
+    name, eq, data = arg.partition("=")
+    name = _absolute(name) if name.endswith(".toml") else name
+    return f"{name}{eq}{_absolute(data)}" if eq else name
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """cfg with every path resolved against the current directory (`~` expanded): what a checkpoint saves."""
+    sections: dict[str, dict[str, Any]] = {}
+    for name, keys in PATH_FIELDS.items():
+        section = getattr(cfg, name)
+        if section is not None:
+            sections[name] = {key: _absolute(getattr(section, key)) for key in keys}
+    sections["train"]["eval_tasks"] = tuple(_absolute_task(t) for t in cfg.train.eval_tasks)
+    return replace(cfg, **sections)

@@ -28,7 +28,9 @@ SOURCE = {
 
 
 def run_demo(out_dir: str | Path = "runs/demo", progress: bool = True) -> dict[str, Any]:
-    """Run the demo from scratch in out_dir (replacing an earlier demo there) and return its figures."""
+    """Run the demo from scratch in out_dir (replacing an earlier demo there) and return its figures and sample.
+    With `progress`, each step's line and progress bar go to stderr. Ctrl-C in training raises
+    TrainingInterrupted once the checkpoint is saved."""
     out = Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)
     corpus = out / "corpus"
@@ -68,8 +70,7 @@ def run_demo(out_dir: str | Path = "runs/demo", progress: bool = True) -> dict[s
     sample = PROMPT + "".join(
         generate_text(ckpt.model, ckpt.tokenizer, PROMPT, max_new_tokens=200, temperature=0.8, top_k=50, seed=0)
     )
-    say("-" * 60 + "\n" + sample + "\n" + "-" * 60)
-    return {
+    return {  # the sample is the command's output (stdout), so it is printed there, not here
         "val_bpb": result.val_bpb,
         "train_seconds": result.train_seconds,
         "tokens_per_s": result.tokens_per_s,

@@ -20,19 +20,31 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from nomoat.chat import encode_chat
-from nomoat.checkpoint import Checkpoint, write_files
-from nomoat.config import FinetuneConfig, RunConfig
+from nomoat.checkpoint import Checkpoint, list_checkpoints, write_files
+from nomoat.config import FinetuneConfig, RunConfig, absolute_paths
 from nomoat.convert.hf import copy_side_files
 from nomoat.device import pick_device
+from nomoat.dpo import (
+    DPOLoss,
+    Pair,
+    PairStats,
+    chosen_rows,
+    collate_pairs,
+    frozen_copy,
+    precompute_reference,
+    read_pairs,
+    with_reference,
+)  # fmt: skip
 from nomoat.errors import UserError
 from nomoat.files import atomic_folder, file_sha256, read_records
 from nomoat.load import apply_adapter, load_model, model_folder, tuned_config
 from nomoat.lora import ADAPTER_CONFIG, add_lora, merge_lora, save_adapter
 from nomoat.quant import dequantize_model, quantize_model
 from nomoat.tokenizer import Tokenizer
-from nomoat.train import Setup, TrainResult, train
+from nomoat.train import Setup, TrainResult, check_run_folder, train
 
 IGNORE = -100  # target id that cross_entropy skips: prompt tokens and padding
 # (inputs, targets) of one training row, targets IGNORE where not scored; packed rows add each token's sample id
@@ -170,10 +182,19 @@ def pack(rows: list[Row], seq_len: int) -> list[Row]:
 
 class RowLoader:
     """Batches of rows padded to the longest; batch k depends only on (seed, k): rows are visited in a fresh
-    permutation each epoch, so resuming needs only the step. A batch with no scored target is an error."""
+    permutation each epoch, so resuming needs only the step. A batch with no scored target is an error.
+    `collate` makes a batch of other kinds of rows (dpo.collate_pairs)."""
 
-    def __init__(self, rows: list[Row], batch_size: int, seed: int, pad_id: int) -> None:
+    def __init__(
+        self,
+        rows: list[Any],
+        batch_size: int,
+        seed: int,
+        pad_id: int,
+        collate: Callable[[list[Any], int], tuple[torch.Tensor, ...]] | None = None,
+    ) -> None:
         self.rows, self.batch_size, self.seed, self.pad_id = rows, batch_size, seed, pad_id
+        self.collate = collate or pad_batch
         self.step = 0
         self._order: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))  # (epoch, its permutation)
 
@@ -190,7 +211,7 @@ class RowLoader:
         first = self.step * self.batch_size
         picked = [self.rows[self._index(k)] for k in range(first, first + self.batch_size)]
         self.step += 1
-        return pad_batch(picked, self.pad_id)
+        return self.collate(picked, self.pad_id)
 
     def state_dict(self) -> dict[str, int]:
         return {"seed": self.seed, "step": self.step, "rows": len(self.rows)}
@@ -272,9 +293,11 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Tra
 
     LoRA checkpoints hold a PEFT adapter folder (adapter_config.json, adapter_model.safetensors); full
     fine-tuning checkpoints hold the whole model. Every checkpoint records its base for `nomoat info`."""
-    fc = cfg.finetune
-    if fc is None or not fc.base or not fc.data:
+    if cfg.finetune is None or not cfg.finetune.base or not cfg.finetune.data:
         raise UserError("finetune.base and finetune.data must be set (nomoat finetune --base MODEL --data FILE)")
+    cfg = absolute_paths(cfg)  # as checkpoints and the adapter's config record them: valid from anywhere
+    fc = cfg.finetune
+    check_run_folder(cfg.train.out_dir, resume)  # before the base loads, which can take minutes
     device = pick_device(cfg.train.device)
     base = load_model(fc.base, device=device)
     if cfg.train.seq_len > base.cfg.model.max_seq_len:
@@ -285,10 +308,9 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Tra
     cfg = dataclasses.replace(cfg, model=base.cfg.model)
     tc = cfg.train
     tokenizer = base.tokenizer
-    rows, stats = build_rows(tokenizer, fc.data, tc.seq_len, fc.overlong, fc.packing)
+    rows, val_rows, stats = read_training_data(tokenizer, fc, tc.seq_len)
     if progress:
         print(f"data: {stats.line()}", flush=True)
-    val_rows = build_rows(tokenizer, fc.val_data, tc.seq_len, fc.overlong)[0] if fc.val_data else None
     model = prepare_model(base, fc, tc.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if progress:
@@ -305,7 +327,7 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Tra
         tokenizer=tokenizer,
         manifest=manifest,
     )
-    if val_rows:
+    if val_rows and fc.objective == "sft":
         setup.val = lambda forward: masked_loss(forward, tokenizer, val_rows, device, tc.batch_size)
     if fc.method != "full":  # checkpoints hold the adapter, not a copy of the base
         setup.export = lambda m, folder: save_adapter(m, folder, base=fc.base)
@@ -313,7 +335,87 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Tra
     # (checkpoints there already, no --resume) must leave untouched
     with tempfile.TemporaryDirectory() as tmp:
         setup.extra_files = copy_side_files(Path(base.path), Path(tmp))
+        if fc.objective == "dpo":
+            use_dpo(setup, cfg, rows, val_rows, device, resume, Path(tmp), progress)
         return train(cfg, resume=resume, progress=progress, setup=setup)
+
+
+def read_training_data(
+    tokenizer: Tokenizer, fc: FinetuneConfig, seq_len: int
+) -> tuple[list[Any], list[Any] | None, DataStats | PairStats]:
+    """(rows, validation rows, stats) of fc.data and fc.val_data for the objective: masked rows for sft,
+    preference pairs for dpo."""
+    if fc.objective == "dpo":
+        pairs, stats = read_pairs(tokenizer, read_data(fc.data), seq_len, fc.overlong)
+        val = read_pairs(tokenizer, read_data(fc.val_data), seq_len, fc.overlong)[0] if fc.val_data else None
+        return pairs, val, stats
+    rows, data_stats = build_rows(tokenizer, fc.data, seq_len, fc.overlong, fc.packing)
+    val_rows = build_rows(tokenizer, fc.val_data, seq_len, fc.overlong)[0] if fc.val_data else None
+    return rows, val_rows, data_stats
+
+
+REFERENCE_FILE = "dpo_reference_logps.safetensors"  # precomputed reference log-probs, kept in every checkpoint
+
+
+def use_dpo(
+    setup: Setup,
+    cfg: RunConfig,
+    pairs: list[Pair],
+    val_pairs: list[Pair] | None,
+    device: torch.device,
+    resume: bool,
+    staging: Path,
+    progress: bool = True,
+) -> None:
+    """Make the setup train by DPO: batches of preference pairs and the preference loss against its reference.
+
+    With finetune.precompute_ref the reference log-probs are computed once (the base: adapters off, or the full
+    weights before training) and saved into every checkpoint, from which a resumed run reads them back: the same
+    numbers on any machine, so resuming stays exact. Without it LoRA's reference is the base with the adapters
+    off, full fine-tuning's a frozen copy of the weights."""
+    fc, tc, model = cfg.finetune, cfg.train, setup.model
+    assert fc is not None
+    pad = setup.tokenizer.eos_id or 0
+    keep_copy = fc.method == "full" and not fc.precompute_ref
+    ref_model = frozen_copy(model) if keep_copy else None
+    objective = DPOLoss(model, fc.beta, fc.dpo_loss, fc.label_smoothing, ref_model, fc.precompute_ref)
+    if fc.precompute_ref:
+        ref = _stored_reference(Path(tc.out_dir), len(pairs)) if resume else None
+        if ref is None:
+            ref = precompute_reference(model, pairs, pad, tc.batch_size, device)
+        if progress:
+            print(f"dpo: reference log-probs of {len(pairs):,} pairs computed once, no reference model kept")
+        pairs = with_reference(pairs, ref)
+        save_file({"logps": ref.contiguous()}, str(staging / REFERENCE_FILE))
+        setup.extra_files.append(staging / REFERENCE_FILE)
+        if val_pairs:
+            val_pairs = with_reference(val_pairs, precompute_reference(model, val_pairs, pad, tc.batch_size, device))
+    setup.loader = RowLoader(pairs, tc.batch_size, tc.seed, pad, collate=collate_pairs)
+    setup.loss = objective
+    if val_pairs:
+        held_out = val_pairs
+        setup.val = lambda forward: objective.evaluate(forward, held_out, pad, tc.batch_size, device)
+
+
+def _stored_reference(run_dir: Path, pairs: int) -> torch.Tensor | None:
+    """The precomputed reference log-probs in the newest checkpoint of a run being resumed, if there are any."""
+    found = list_checkpoints(run_dir) if run_dir.is_dir() else []
+    if not found or not (found[-1] / REFERENCE_FILE).is_file():
+        return None
+    ref = load_file(str(found[-1] / REFERENCE_FILE))["logps"]
+    if len(ref) != pairs:
+        raise UserError(
+            f"{found[-1] / REFERENCE_FILE}: reference log-probs of {len(ref)} pairs, this run has {pairs} "
+            "(did the data file change?)"
+        )
+    return ref
+
+
+def measure_rows(tokenizer: Tokenizer, data: str | Path, seq_len: int, objective: str = "sft") -> list[Row]:
+    """Rows that bits per byte is measured on: the records, or for preference data each prompt + chosen."""
+    if objective == "dpo":
+        return chosen_rows(read_pairs(tokenizer, read_data(data), seq_len)[0])
+    return build_rows(tokenizer, data, seq_len)[0]
 
 
 def merge(
@@ -328,23 +430,28 @@ def merge(
 
     For a 4-bit base the merge dequantizes and adds the update in fp32; `requantize` snaps the merged weights
     back onto the NF4 grid (the precision a 4-bit deployment would use). Reports bits per byte on up to
-    max_rows rows of `data` (default: the fine-tuning data) before and after, so that a damaging merge shows."""
+    max_rows rows of `data` (default: the fine-tuning data) of the base alone ("before", as a user reads it),
+    of the base with the adapter unmerged, and of the merged model, so that both what the fine-tune taught
+    and a damaging merge show."""
     folder = model_folder(path)
     tuned = tuned_config(folder)
     fc = tuned.finetune if tuned else None
+    if not (folder / ADAPTER_CONFIG).is_file():  # --base would not help: there is no adapter to fold in
+        what = "a full fine-tune, already merged" if fc is not None else "a whole model, with nothing to merge"
+        raise UserError(f"{folder}: not a LoRA adapter (no {ADAPTER_CONFIG}): {what}")
     base = base or (fc.base if fc else None)
     if base is None:
-        raise UserError(f"{folder}: no base model recorded; pass --base MODEL")
-    if not (folder / ADAPTER_CONFIG).is_file():
-        raise UserError(f"{folder}: no {ADAPTER_CONFIG}: nothing to merge (full fine-tunes are already merged)")
+        raise UserError(f"{folder}: a bare adapter with no base model recorded; pass --base MODEL")
     ckpt = load_model(base)
-    model = apply_adapter(ckpt.model, folder, fc).eval()
     data = data or (fc.data if fc else None)
     rows = None
     if data:
         seq_len = min((tuned or ckpt.cfg).train.seq_len, ckpt.cfg.model.max_seq_len)
-        rows = build_rows(ckpt.tokenizer, data, seq_len)[0][:max_rows]
+        rows = measure_rows(ckpt.tokenizer, data, seq_len, fc.objective if fc else "sft")[:max_rows]
+    model = ckpt.model.float().eval()
     before = masked_loss(model, ckpt.tokenizer, rows)["val_bpb"] if rows else None
+    model = apply_adapter(model, folder, fc).eval()
+    unmerged = masked_loss(model, ckpt.tokenizer, rows)["val_bpb"] if rows else None
     merge_lora(model)
     dequantize_model(model)
     if requantize:
@@ -358,6 +465,7 @@ def merge(
         "base": str(base),
         "requantized": requantize,
         "bpb_before": before,
+        "bpb_adapter": unmerged,
         "bpb_after": after,
         "bpb_change": None if before is None or after is None else after - before,
     }

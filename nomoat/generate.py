@@ -138,8 +138,9 @@ def generate_tokens(
     compile runs the decode steps through DecodeStep (seconds of compiling, once per model and process); None
     does when the model's step exists already or at least AUTO_COMPILE_TOKENS are asked for. The prompt is
     always run eagerly. stats, if given, is filled as tokens come: prefill_seconds, first_token_seconds,
-    decode_seconds and decode_steps (model time only, not the consumer's), and compile_seconds (the first
-    compiled step of a process, kept out of the decode rate).
+    decode_seconds and decode_steps (model time only, not the consumer's), compile_seconds (the first
+    compiled step of a process, kept out of the decode rate), and, once the tokens run out, finish: "eos",
+    "length" (max_new_tokens) or "context" (the context filled before max_new_tokens).
     """
     _check(model, prompt, max_new_tokens)
     max_len = model.cfg.max_seq_len
@@ -166,6 +167,7 @@ def generate_tokens(
         token = sample_next(logits, temperature, top_k, top_p, generator)
         stats.setdefault("first_token_seconds", time.perf_counter() - start)
         if token == eos_id:
+            stats["finish"] = "eos"
             return
         yield token
         if i + 1 < n_new:
@@ -176,6 +178,7 @@ def generate_tokens(
             else:
                 stats["decode_seconds"] += time.perf_counter() - t
                 stats["decode_steps"] += 1
+    stats["finish"] = "context" if n_new < max_new_tokens else "length"
 
 
 @torch.no_grad()

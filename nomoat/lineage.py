@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from nomoat.config import from_dict, read_toml
+from nomoat.config import ModelConfig, from_dict, read_toml
+from nomoat.errors import UserError
 from nomoat.load import model_folder, model_kind
 from nomoat.model import Transformer
 from nomoat.tokenizer import Tokenizer
@@ -23,22 +24,13 @@ def lineage(path: str | Path) -> dict[str, Any]:
     folder = model_folder(path)
     if model_kind(folder) == "gguf":
         return _gguf_lineage(folder)
-    if model_kind(folder) == "hf":  # a Hugging Face folder: its lineage is the folder itself
-        hf = json.loads((folder / "config.json").read_text())
-        return {"path": str(folder), "model": {"architecture": hf.get("architectures", ["?"])[0]}, "base": str(folder)}
+    if model_kind(folder) == "hf":
+        return _hf_lineage(folder)
     cfg = from_dict(read_toml(folder / "config.toml"), where=str(folder / "config.toml"))
-    with torch.device("meta"):  # parameter counts without allocating the weights
-        model = Transformer(cfg.model)
     tok = Tokenizer.load(folder / "tokenizer.json")
     out: dict[str, Any] = {
         "path": str(folder),
-        "model": {
-            "parameters": model.num_params(),
-            "layers": cfg.model.n_layer,
-            "d_model": cfg.model.d_model,
-            "context": cfg.model.max_seq_len,
-            "vocab_size": cfg.model.vocab_size,
-        },
+        "model": _model_facts(cfg.model),
         "tokenizer": {"vocab_size": tok.vocab_size, "sha256": tok.sha256},
         "base": None,
         "data": None,
@@ -72,6 +64,37 @@ def lineage(path: str | Path) -> dict[str, Any]:
     return out
 
 
+def _model_facts(cfg: ModelConfig) -> dict[str, Any]:
+    with torch.device("meta"):  # parameter counts without allocating the weights
+        model = Transformer(cfg)
+    return {
+        "parameters": model.num_params(),
+        "layers": cfg.n_layer,
+        "d_model": cfg.d_model,
+        "context": cfg.max_seq_len,
+        "vocab_size": cfg.vocab_size,
+    }
+
+
+def _hf_lineage(folder: Path) -> dict[str, Any]:
+    """A Hugging Face folder: its own base; its size and tokenizer read as a checkpoint's are, the weights unread."""
+    from nomoat.convert.hf import config_from_hf, read_hf_config
+
+    hf = read_hf_config(folder)
+    model: dict[str, Any] = {"architecture": hf.get("architectures", ["?"])[0]}
+    try:
+        model |= _model_facts(config_from_hf(hf))
+    except UserError:  # an architecture nomoat does not load is still named
+        pass
+    model["weight_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    model["dtype"] = hf.get("dtype") or hf.get("torch_dtype")
+    tokenizer = None
+    if (folder / "tokenizer.json").is_file():
+        tok = Tokenizer.load(folder / "tokenizer.json")
+        tokenizer = {"vocab_size": tok.vocab_size, "sha256": tok.sha256}
+    return {"path": str(folder), "model": model, "tokenizer": tokenizer, "base": str(folder), "data": None}
+
+
 def _gguf_lineage(path: Path) -> dict[str, Any]:
     """A GGUF file's architecture, and the lineage nomoat wrote into it when nomoat exported it."""
     from nomoat.convert.gguf_read import read_metadata
@@ -86,14 +109,17 @@ def format_lineage(info: dict[str, Any]) -> str:
     """The lineage as a few readable lines for the terminal."""
     lines = [f"model      {info['path']}"]
     m = info["model"]
+    if "architecture" in m:
+        kind = "file" if m["architecture"].startswith("GGUF ") else "folder"
+        lines.append(f"           a {'' if kind == 'file' else 'Hugging Face '}{m['architecture']} {kind}")
     if "parameters" in m:
         lines.append(
             f"           {m['parameters']:,} parameters, {m['layers']} layers x {m['d_model']}, "
             f"context {m['context']}, vocabulary {m['vocab_size']:,}"
         )
-    else:
-        kind = "file" if m["architecture"].startswith("GGUF ") else "folder"
-        lines.append(f"           a {'' if kind == 'file' else 'Hugging Face '}{m['architecture']} {kind}")
+    if m.get("weight_bytes"):
+        dtype = m.get("dtype") or "dtype not recorded"
+        lines.append(f"           {m['weight_bytes'] / 1e6:,.1f} MB of weights ({dtype})")
     if info.get("tokenizer"):
         lines.append(
             f"tokenizer  {info['tokenizer']['vocab_size']:,} tokens, sha256 {info['tokenizer']['sha256'][:16]}"

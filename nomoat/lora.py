@@ -8,8 +8,10 @@ the model is the plain Transformer again. `save_adapter`/`load_adapter` read and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +44,12 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default (nn.Linear's own init)
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True  # off: the base layer alone (adapters_disabled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if not self.enabled:
+            return y
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r)
         # The scaling goes on B (out x r) rather than on the (..., out) product, and addmm adds the update into
         # y inside the matmul: two fewer passes over the layer's output than `y + B(A(x)) * scaling`.
@@ -117,6 +122,20 @@ def unwrap_lora(model: nn.Module) -> None:
     """Drop every adapter, putting the untouched base layers back: the reverse of add_lora."""
     for name, layer in lora_layers(model).items():
         _swap(model, name, layer.base)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The model computing as its base inside the block: DPO's reference without a second copy of the weights
+    (PEFT's `disable_adapter`)."""
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def _peft_name(name: str) -> str:

@@ -43,7 +43,17 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    hf.train_from_iterator(texts, trainer)
+    seen = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal seen
+        for text in texts:
+            seen += len(text)
+            yield text
+
+    hf.train_from_iterator(counted(), trainer)
+    if not seen:  # the trainer would return the bare bytes and specials, as if nothing were wrong
+        raise UserError("no text to train the tokenizer on: every document is empty")
     return Tokenizer(hf)
 
 

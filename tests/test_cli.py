@@ -195,3 +195,109 @@ def test_a_negative_token_count_is_one_line(shakespeare_shards, tmp_path: Path) 
     main(["train", "--config", str(write_run(shakespeare_shards, run, tmp_path / "r.toml", steps=2)), "--json"])
     assert_one_line_error(nomoat("generate", str(run), "--prompt", "x", "--max-new-tokens", "-3", check_rc=None),
                           "max_new_tokens must be 0 or more, got -3")  # fmt: skip
+
+
+def test_tokenizer_train_and_data_build_refuse_a_folder_without_text_alike(shakespeare_shards, tmp_path, capsys):
+    """Both read the same files (data.formats.corpus_files): a folder of .py files or an empty folder is one line
+    naming it and what was looked for, exit 2, and no tokenizer is written."""
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code/train.py").write_text("print('not a corpus')\n")
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "code", tmp_path / "empty"):
+        out = tmp_path / "tok/tokenizer.json"
+        assert main(["tokenizer", "train", str(folder), "--vocab-size", "300", "--out", str(out)]) == 2
+        assert main(["data", "build", str(folder), "--tokenizer", str(shakespeare_shards[1]), "--out",
+                     str(tmp_path / "shards")]) == 2  # fmt: skip
+        tokenizer_line, data_line = capsys.readouterr().err.splitlines()
+        assert tokenizer_line == data_line, (tokenizer_line, data_line)
+        assert tokenizer_line.startswith(f"nomoat: error: no documents in {folder}: ") and ".txt, .jsonl" in data_line
+        assert not out.exists()
+
+
+def test_demo_ctrl_c_is_one_line_and_json_keeps_progress_on_stderr(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the demo's training (train raises TrainingInterrupted once its checkpoint is saved) ends with one
+    line naming the checkpoint and how to go on, exit 130; --json still shows progress on stderr, and stdout gets
+    nothing but the JSON (here: nothing, as the demo stopped)."""
+    from nomoat.train import TrainingInterrupted
+
+    small = tmp_path / "small.txt"
+    small.write_text(SHAKESPEARE.read_text()[:60_000])
+    monkeypatch.setattr("nomoat.demo.CORPUS", small)
+    checkpoint = tmp_path / "demo/run/checkpoints/step_00000042"
+
+    def interrupted(cfg, progress):
+        assert progress
+        raise TrainingInterrupted(signal.SIGINT, checkpoint)
+
+    monkeypatch.setattr("nomoat.demo.train", interrupted)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--json"]) == 128 + signal.SIGINT
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    assert "[1/4] training a 2048-token" in err and "[3/4] training" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("nomoat: demo stopped by SIGINT; checkpoint saved to ") and str(checkpoint) in last
+    assert f"nomoat train --config {checkpoint / 'config.toml'} --resume" in last and "nomoat demo" in last
+
+
+def test_chat_ctrl_c_stops_a_reply_and_keeps_the_conversation(shakespeare_shards, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a reply (KeyboardInterrupt, as the signal raises it, at some point of the real reply's stream)
+    stops it and the chat goes on with the part shown as the assistant's turn; stopped before any text, the user's
+    message is withdrawn; Ctrl-C at the prompt ends the chat with status 0."""
+    import builtins
+    import dataclasses
+
+    import nomoat.chat
+    from nomoat.checkpoint import save_checkpoint
+    from nomoat.model import Transformer
+    from nomoat.tokenizer import Tokenizer
+
+    cfg = tiny_run(shakespeare_shards, tmp_path / "run")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_seq_len=512))  # room for ChatML
+    save_checkpoint(tmp_path / "run", 1, Transformer(cfg.model), cfg, Tokenizer.load(shakespeare_shards[1]))
+    typed = iter(["hello", "again", "third", KeyboardInterrupt])
+    stop_after = iter([2, 0, None])  # pieces shown before Ctrl-C, per reply (None: none)
+    seen, real = [], nomoat.chat.stream_reply
+
+    def typing(prompt: str) -> str:
+        line = next(typed)
+        if line is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return line
+
+    def replying(model, tokenizer, messages, **sampling):
+        seen.append([dict(m) for m in messages])
+        limit = next(stop_after)
+        for i, piece in enumerate(real(model, tokenizer, messages, **{**sampling, "temperature": 1.0})):
+            if i == limit:
+                raise KeyboardInterrupt
+            yield piece if piece.strip() else "x"  # every piece shows something
+
+    monkeypatch.setattr(builtins, "input", typing)
+    monkeypatch.setattr(nomoat.chat, "stream_reply", replying)
+    assert main(["chat", str(tmp_path / "run"), "--max-new-tokens", "8", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    first = out.split(" [stopped]")[0]
+    assert [m["content"] for m in seen[0]] == ["hello"]
+    assert [m["content"] for m in seen[1]] == ["hello", first.strip(), "again"] and first.strip()
+    assert [m["content"] for m in seen[2]] == ["hello", first.strip(), "third"]  # "again" was withdrawn
+    assert out.count(" [stopped]") == 2
+
+
+def test_generate_says_when_the_context_cut_it_short(shakespeare_shards, tmp_path, capsys):
+    """--max-new-tokens beyond the context: the text stops at the context, and one stderr line says so."""
+    import torch
+
+    from nomoat.checkpoint import save_checkpoint
+    from nomoat.model import Transformer
+    from nomoat.tokenizer import Tokenizer
+
+    cfg = tiny_run(shakespeare_shards, tmp_path / "run")  # a 64-token context
+    torch.manual_seed(0)  # a model whose greedy text does not meet eos first
+    save_checkpoint(tmp_path / "run", 1, Transformer(cfg.model), cfg, Tokenizer.load(shakespeare_shards[1]))
+    command = ["generate", str(tmp_path / "run"), "--prompt", "ROMEO:", "--temperature", "0", "--no-compile"]
+    assert main([*command, "--max-new-tokens", "100000"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nomoat: stopped at the model's context of 64 tokens"), err
+    assert "before --max-new-tokens 100000" in err[0]
+    assert main([*command, "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().err == ""

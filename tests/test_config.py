@@ -1,6 +1,7 @@
 """Config: TOML round trips for every preset, typed overrides, and errors that name the key."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,31 @@ def test_replace_changes_one_section():
     cfg = load_config("cpu")
     changed = replace(cfg, train={"steps": 7})
     assert changed.train.steps == 7 and changed.model == cfg.model
+
+
+def test_set_by_user_tells_a_users_choice_from_a_presets_default(tmp_path):
+    from nomoat.config import set_by_user
+
+    assert not set_by_user("cpu", {}, "model.vocab_size")  # a preset's value is a default for its shape
+    assert set_by_user("cpu", {"model.vocab_size": "4096"}, "model.vocab_size")
+    own = tmp_path / "run.toml"
+    own.write_text("[model]\nvocab_size = 4096\n")
+    assert set_by_user(str(own), {}, "model.vocab_size")
+    own.write_text("[train]\nsteps = 10\n")  # no [model]: every model field is a default
+    assert not set_by_user(str(own), {}, "model.vocab_size")
+
+
+def test_absolute_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
+    from nomoat.config import FinetuneConfig, absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = replace(RunConfig(), data={"shards": "shards/", "tokenizer": "~/tok.json"})
+    cfg = replace(cfg, train={"out_dir": "runs/a", "eval_tasks": ("hellaswag=hs.jsonl", "mine.toml")})
+    cfg = dataclasses.replace(cfg, finetune=FinetuneConfig(base="/abs/base", data="chats.jsonl"))
+    done = absolute_paths(cfg)
+    assert done.data.shards == str(tmp_path / "shards") and done.train.out_dir == str(tmp_path / "runs/a")
+    assert done.data.tokenizer == str(Path.home() / "tok.json")
+    assert done.train.eval_tasks == (f"hellaswag={tmp_path}/hs.jsonl", f"{tmp_path}/mine.toml")
+    fc = done.finetune
+    assert (fc.base, fc.data, fc.val_data) == ("/abs/base", f"{tmp_path}/chats.jsonl", "")
+    assert absolute_paths(done) == done

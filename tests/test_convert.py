@@ -173,7 +173,9 @@ def test_sharded_checkpoint_and_cli(tmp_path, tokenizer_dir):
     subprocess.run([*cli, "to-hf", str(tmp_path / "ours"), str(tmp_path / "out"), "--dtype", "bfloat16"], check=True)
     state = load_file(str(tmp_path / "out/model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in state.values())
-    assert json.loads((tmp_path / "out/config.json").read_text())["torch_dtype"] == "bfloat16"
+    config = json.loads((tmp_path / "out/config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16"  # the original said float32
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.bfloat16
     out = subprocess.run(
         [sys.executable, "-m", "nomoat.cli", "generate", str(tmp_path / "hf"), "--prompt", "ROMEO", "--json",
          "--max-new-tokens", "4", "--temperature", "0"],

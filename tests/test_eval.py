@@ -84,6 +84,21 @@ def test_shards_rolling_is_the_batched_split_loss_but_for_the_last_window(lm, sh
     assert overlapping["tokens"] == new["tokens"] and overlapping["loss"] != pytest.approx(new["loss"])
 
 
+def test_split_loss_shows_its_progress_on_stderr(lm, shakespeare_shards, capsys):
+    """A whole validation split can take minutes: its batches are counted on stderr, the total known at start."""
+    model, _ = lm
+    shards = ShardSet(shakespeare_shards[0], "val")
+    small = Transformer(dataclasses.replace(model.cfg, vocab_size=320)).eval()
+    quiet = evaluate_loss(small, shards, batch_size=4, seq_len=32, max_batches=3)
+    assert capsys.readouterr().err == ""
+    shown = evaluate_loss(small, shards, batch_size=4, seq_len=32, max_batches=3, progress=True)
+    assert shown == quiet
+    assert "validation:   0%|          | 0/3 " in capsys.readouterr().err
+    evaluate_loss(small, shards, batch_size=4, seq_len=32, progress=True)  # the whole split
+    n = -(-((shards.tokens - 1) // 32) // 4) + 1  # full batches, then the short last row
+    assert f"| 0/{n} " in capsys.readouterr().err
+
+
 def test_bad_text_inputs_name_the_line(lm, tmp_path):
     model, tok = lm
     (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"txt": "typo"}\n')

@@ -241,7 +241,10 @@ def test_lora_run_resumes_exactly_and_merges(base: Path, tmp_path: Path) -> None
     with torch.no_grad():
         torch.testing.assert_close(peft_logits(x), load_model(ckpt).model(x), rtol=1e-4, atol=1e-4)
     report = merge(ckpt, tmp_path / "merged")
-    assert report["bpb_before"] is not None and abs(report["bpb_change"]) < 1e-4  # an fp32 merge changes nothing
+    assert abs(report["bpb_after"] - report["bpb_adapter"]) < 1e-4  # an fp32 merge changes nothing
+    rows = build_rows(tok_of(base), data, 48)[0]
+    assert report["bpb_before"] == pytest.approx(masked_loss(load_model(base).model, tok_of(base), rows)["val_bpb"])
+    assert report["bpb_change"] < -0.1  # "before" is the base alone, so what the fine-tune taught shows
     merged = load_model(tmp_path / "merged")
     unmerged = load_model(ckpt)
     x = torch.randint(0, 320, (1, 12))
@@ -288,3 +291,76 @@ def test_packed_fine_tuning_runs_through_the_loop(base: Path, tmp_path: Path) ->
     finetune(cfg, progress=False)
     losses = [json.loads(r)["loss"] for r in (tmp_path / "run/metrics.jsonl").read_text().splitlines() if "loss" in r]
     assert len(losses) == 3 and all(0 < v < 20 for v in losses)
+
+
+def train_losses(run: Path) -> list[float]:
+    return [json.loads(r)["loss"] for r in (run / "metrics.jsonl").read_text().splitlines() if "loss" in r]
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_lora_checkpoints_hold_what_trains_and_resume_exactly(base: Path, tmp_path: Path, method: str) -> None:
+    """state/ holds the adapter and its optimizer moments, not the frozen base (a 703 MB folder for a 19 MB
+    adapter): resume rebuilds the base, checked by hash, and continues bit for bit."""
+    from safetensors.torch import load_file
+
+    from nomoat.checkpoint import _state_metadata, _state_tensors
+
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records())
+
+    def run(out: str, steps: int) -> RunConfig:
+        train = {"steps": steps, "log_every": 1, "save_every": 2, "keep_last": 0, "lr": 1e-2}
+        return ft_config(base, data, tmp_path / out, method=method, lora_rank=4, lora_dropout=0.1, train=train)
+
+    finetune(run("a", 4), progress=False)
+    finetune(run("b", 2), progress=False)
+    finetune(run("b", 4), resume=True, progress=False)
+    a, b = tmp_path / "a/checkpoints/step_00000004", tmp_path / "b/checkpoints/step_00000004"
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+    assert (a / "adapter_model.safetensors").read_bytes() == (b / "adapter_model.safetensors").read_bytes()
+    assert all(".lora_" in name for name in _state_tensors(a))  # no base weight, no NF4 code
+    stored = {k: v for k, v in _state_metadata(a).state_dict_metadata.items() if hasattr(v, "size")}
+    adapter = sum(t.numel() * t.element_size() for t in load_file(a / "adapter_model.safetensors").values())
+    moments = sum(v.size.numel() * v.properties.dtype.itemsize for k, v in stored.items() if "exp_avg" in k)
+    assert moments == 2 * adapter  # AdamW's two moments of each adapter tensor, and nothing else that is large
+    assert sum(v.size.numel() * v.properties.dtype.itemsize for v in stored.values()) < 3.1 * adapter
+    assert folder_bytes(a) < (base / "model.safetensors").stat().st_size  # the whole folder: less than the base
+
+
+def test_resume_over_a_changed_base_is_refused(base: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, tmp_path / "base")
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records())
+    cfg = ft_config(tmp_path / "base", data, tmp_path / "run", train={"steps": 2, "save_every": 2})
+    finetune(cfg, progress=False)
+    weights = load_file(tmp_path / "base/model.safetensors")
+    weights["norm.weight"] = weights["norm.weight"] + 1
+    save_file(weights, tmp_path / "base/model.safetensors")
+    with pytest.raises(UserError, match="cannot resume .* frozen weights had sha256 .*the base model changed"):
+        finetune(ft_config(tmp_path / "base", data, tmp_path / "run", train={"steps": 4}), resume=True)
+
+
+def test_finetune_checks_its_run_folder_before_loading_the_base(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records())
+    (tmp_path / "run/checkpoints/step_00000002").mkdir(parents=True)
+    monkeypatch.setattr("nomoat.finetune.load_model", lambda *a, **k: pytest.fail("loaded the base first"))
+    with pytest.raises(UserError, match="run already holds checkpoints: pass --resume"):
+        finetune(ft_config(base, data, tmp_path / "run"), progress=False)
+    with pytest.raises(UserError, match="new: no checkpoint to resume from"):
+        finetune(ft_config(base, data, tmp_path / "new"), resume=True, progress=False)
+
+
+def test_merge_of_a_model_without_an_adapter_says_so(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["merge", str(base), "--out", str(tmp_path / "m")]) == 2
+    want = f"{base}: not a LoRA adapter (no adapter_config.json): a whole model, with nothing to merge"
+    assert capsys.readouterr().err.strip() == f"nomoat: error: {want}"

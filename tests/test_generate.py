@@ -63,7 +63,13 @@ def test_stops_at_eos_and_at_full_context(model):
     k = next(i for i, t in enumerate(sampled) if i > 0 and t not in sampled[:i])  # first fresh token
     stopped = list(generate_tokens(model, [7], max_new_tokens=20, seed=0, eos_id=sampled[k]))
     assert stopped == sampled[:k]
-    assert len(list(generate_tokens(model, list(range(30)), max_new_tokens=100, temperature=0))) == 10
+    stats: dict[str, float] = {}
+    assert len(list(generate_tokens(model, list(range(30)), max_new_tokens=100, temperature=0, stats=stats))) == 10
+    assert stats["finish"] == "context"  # said, so that a command can tell the user why it stopped short
+    for max_new, eos, finish in [(10, None, "length"), (20, sampled[k], "eos")]:
+        stats = {}
+        list(generate_tokens(model, [7], max_new_tokens=max_new, seed=0, eos_id=eos, stats=stats))
+        assert stats["finish"] == finish
     with pytest.raises(UserError, match="context is 40"):
         list(generate_tokens(model, list(range(40)), max_new_tokens=1))
     with pytest.raises(UserError, match="empty"):

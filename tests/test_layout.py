@@ -18,12 +18,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nomoat"
 # imports may go either way, but never round in a circle (checked separately).
 FLOORS: list[tuple[str, ...]] = [
     ("errors",),
-    ("config", "files"),
+    ("config", "files", "run_recipe"),
     ("model", "tokenizer", "device", "distributed", "optim", "quant", "packed", "lora", "data"),
     ("checkpoint", "generate", "chat"),
     ("convert",),
     ("load",),
-    ("lineage", "eval", "train", "finetune", "serve", "demo"),
+    ("lineage", "card", "report", "eval", "train", "dpo", "finetune", "serve", "demo"),
+    ("pipeline",),
     ("cli", "__main__", "__init__"),
 ]
 # What data/ must never reach: it is read by every layer above and must not drag them in.

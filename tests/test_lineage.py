@@ -60,3 +60,28 @@ def test_the_demo_corpus_carries_its_licence_into_the_model(shakespeare_shards, 
     train(cfg, progress=False)
     [source] = lineage(tmp_path / "run")["data"]
     assert source["name"] == "tiny shakespeare" and source["license"].startswith("public domain")
+
+
+def test_info_on_a_hugging_face_folder_shows_size_and_tokenizer(shakespeare_shards, tmp_path: Path) -> None:
+    """`nomoat info` on a Hugging Face folder: the parameter count (as transformers counts it), the weights' size
+    and dtype, and the tokenizer's vocabulary, read without loading the weights."""
+    import torch
+    import transformers
+
+    from nomoat.checkpoint import save_checkpoint
+    from nomoat.convert import to_hf
+    from nomoat.load import load_model
+    from nomoat.model import Transformer
+    from nomoat.tokenizer import Tokenizer
+
+    cfg = tiny_run(shakespeare_shards, tmp_path / "run")
+    save_checkpoint(tmp_path / "run", 1, Transformer(cfg.model), cfg, Tokenizer.load(shakespeare_shards[1]))
+    to_hf(load_model(tmp_path / "run"), tmp_path / "hf", dtype=torch.bfloat16)
+    info = lineage(tmp_path / "hf")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").num_parameters()
+    assert info["model"]["parameters"] == reference
+    assert info["model"]["dtype"] == "bfloat16" and info["model"]["weight_bytes"] > 2 * reference
+    assert info["tokenizer"]["vocab_size"] == 320 and info["base"] == str(tmp_path / "hf")
+    text = format_lineage(info)
+    assert "a Hugging Face LlamaForCausalLM folder" in text and f"{reference:,} parameters" in text
+    assert "tokenizer  320 tokens" in text and "MB of weights (bfloat16)" in text

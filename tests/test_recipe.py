@@ -128,6 +128,9 @@ def test_weights_repeat_documents(root: Path, built: Path) -> None:
     assert plays["tokens_out"] == 2 * base[0]["tokens_out"] and plays["documents_out"] == 40
     assert 0.2 * base[1]["tokens_out"] < pile["tokens_out"] < 0.8 * base[1]["tokens_out"]
     assert pile["unique_documents_out"] == 19 and pile["documents_out"] < 19
+    md = (root / "weighted/datasheet.md").read_text()  # 40 docs out of 23 in, explained
+    assert "| plays | 2 | 23 | 40 |" in md and "weight 2: twice" in md
+    assert "- kept 20 distinct documents; weight 2 makes them 40" in md
 
 
 def test_clean_options_and_false_for_none(root: Path) -> None:
@@ -234,7 +237,7 @@ def test_rerun_skips_finished_work_until_an_input_changes(root: Path, tmp_path: 
     out = tmp_path / "out"
     first = build_corpus(recipe, out, progress=False)
     stamp = (out / "manifest.json").stat().st_mtime_ns
-    assert build_corpus(recipe, out, progress=False) == first
+    assert build_corpus(recipe, out, progress=False) == first | {"skipped": True}
     assert (out / "manifest.json").stat().st_mtime_ns == stamp  # nothing was rewritten
     build_corpus(recipe, out, progress=False, force=True)
     assert (out / "manifest.json").stat().st_mtime_ns != stamp
@@ -245,3 +248,64 @@ def test_rerun_skips_finished_work_until_an_input_changes(root: Path, tmp_path: 
         assert (out / "manifest.json").stat().st_mtime_ns != stamp
     finally:
         (root / "eval.jsonl").write_text("".join((root / "eval.jsonl").read_text().splitlines(keepends=True)[:-1]))
+
+
+def _spawned_workers(pid: int) -> int:
+    """How many of pid's child processes are multiprocessing's spawned workers (Linux /proc)."""
+    found = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        found += ppid == pid and b"spawn_main" in cmdline
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads child processes from /proc")
+def test_ctrl_c_stops_a_recipe_build_with_one_line_and_no_worker_tracebacks(root: Path, tmp_path: Path) -> None:
+    """Ctrl-C reaches the terminal's whole process group: the workers ignore it, the parent stops with one line,
+    exit 130, and no `Process SpawnPoolWorker-1:` traceback."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    big = tmp_path / "big"
+    big.mkdir()
+    docs = [f"document {i}\n{CHUNKS[i % len(CHUNKS)]}" for i in range(6000)]
+    (big / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "tokenizer.json").write_bytes((root / "tokenizer.json").read_bytes())
+    recipe = {
+        "corpus": {"tokenizer": "tokenizer.json", "val_fraction": 0.0, "workers": 2},
+        "source": [{"name": "big", "path": "big", "license": "public domain"}],
+    }
+    (tmp_path / "big.toml").write_text(tomli_w.dumps(recipe))
+    command = [sys.executable, "-m", "nomoat.cli", "data", "build", str(tmp_path / "big.toml"), "--out"]
+    proc = subprocess.Popen([*command, str(tmp_path / "out")], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and _spawned_workers(proc.pid) < 2:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the workers at work, past their start-up
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)  # as the terminal sends Ctrl-C: to every process of the group
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the build finished before the signal arrived")
+    assert proc.returncode == 130, err
+    assert "SpawnPoolWorker" not in err and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "nomoat: interrupted"
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_says_an_unchanged_rerun_skipped_the_build(root: Path, tmp_path: Path, capsys) -> None:
+    recipe, out = write_recipe(root, "said.toml"), tmp_path / "out"
+    assert main(["data", "build", str(recipe), "--out", str(out), "--json"]) == 0
+    first = capsys.readouterr()
+    assert "skipped" not in first.err and json.loads(first.out.splitlines()[-1])["skipped"] is False
+    assert main(["data", "build", str(recipe), "--out", str(out), "--json"]) == 0
+    again = capsys.readouterr()
+    assert again.err.strip().splitlines()[-1].startswith(f"skipped the build: {out} is up to date with {recipe}")
+    assert json.loads(again.out.splitlines()[-1])["skipped"] is True

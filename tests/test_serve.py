@@ -425,6 +425,36 @@ def test_cli_serve_refuses_a_missing_model(tmp_path, capsys):
     assert "no such checkpoint" in capsys.readouterr().err
 
 
+def test_cli_serve_reports_a_busy_port_before_loading_the_model(tmp_path, capsys):
+    """A busy port is one line naming it, exit 2, before the model loads: here the model does not even exist, and
+    the port is what gets reported; no 'serving' line comes first."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(tmp_path / "missing"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"nomoat: error: cannot serve on 127.0.0.1:{port}: the port is in use (another "
+                                "server is on it?)"]  # fmt: skip
+
+
+def test_cli_serve_name_sets_the_served_model_id(shakespeare_shards, tmp_path, monkeypatch, capsys):
+    """--name is the id /v1/models lists and requests must send; without it, the folder's name."""
+    cfg = tiny_run(shakespeare_shards, tmp_path / "hf")
+    save_checkpoint(tmp_path / "hf", 1, Transformer(cfg.model), cfg, Tokenizer.load(shakespeare_shards[1]))
+    served = {}
+    monkeypatch.setattr("nomoat.serve.app.run_server", lambda app, **kw: served.update(app=app, **kw))
+    monkeypatch.setattr("nomoat.serve.engine.Engine.warm_up", lambda self: 0.0)  # no compile: not what is tested
+    for flags, name in [(["--name", "shakespeare-tiny"], "shakespeare-tiny"), ([], "hf")]:
+        assert main(["serve", str(tmp_path / "hf"), "--port", "0", *flags]) == 0
+        with running(served["app"]) as url:
+            assert requests.get(f"{url}/v1/models").json()["data"][0]["id"] == name
+            body = {"model": "hf", "prompt": "ROMEO:", "max_tokens": 2}
+            assert requests.post(f"{url}/v1/completions", json=body).status_code == (200 if name == "hf" else 404)
+    assert main(["serve", str(tmp_path / "hf"), "--port", "0", "--name", " "]) == 2
+    assert "--name is empty" in capsys.readouterr().err
+
+
 def test_a_non_local_host_gets_a_random_key_printed_once(tokenizer, monkeypatch, capsys):
     """Like Jupyter's token: `serve --host 0.0.0.0` with no --api-key makes a key, prints it, and requires it;
     only an explicit --no-api-key serves anyone."""

@@ -94,6 +94,13 @@ def test_vocab_too_small() -> None:
         train_tokenizer(["abc"], vocab_size=100)
 
 
+def test_no_text_is_an_error_not_a_bare_byte_tokenizer() -> None:
+    with pytest.raises(UserError, match="every document is empty"):
+        train_tokenizer(["", ""], vocab_size=300)
+    with pytest.raises(UserError, match="every document is empty"):
+        train_tokenizer([], vocab_size=300)
+
+
 def test_stop_stream_holds_back_a_stop_split_over_pieces() -> None:
     stream = StopStream(["</s>", "STOP"])
     out = [stream.push(p) for p in ["Hello <", "/", "x and S", "TO", "P more"]]

@@ -1,7 +1,10 @@
 """Training: loss falls, bit-identical resume, and the errors that stop a run early."""
 
 import json
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -11,10 +14,15 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from nomoat.checkpoint import list_checkpoints
-from nomoat.config import replace
+from nomoat.cli import main
+from nomoat.config import from_dict, load_config, read_toml, replace
+from nomoat.data import build_shards
 from nomoat.errors import UserError
+from nomoat.model import Transformer
 from nomoat.tokenizer import train_tokenizer
-from nomoat.train import train
+from nomoat.train import TrainingInterrupted, train, vocab_from_tokenizer
+
+SHAKESPEARE = Path(__file__).parents[1] / "nomoat/assets/tinyshakespeare.txt"
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -124,7 +132,7 @@ def test_activation_checkpointing_changes_memory_not_math(shakespeare_shards, tm
 
 
 def test_metrics_report_throughput_flops_and_elapsed_time(shakespeare_shards, tmp_path):
-    train(tiny_run(shakespeare_shards, tmp_path, steps=3, eval_every=2), progress=False)
+    train(tiny_run(shakespeare_shards, tmp_path, steps=3, eval_every=2, warmup_steps=2), progress=False)
     every = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in every if "loss" in r]
     assert len(rows) == 3 and all(r["tokens_per_s"] > 0 and r["flops_per_s"] > 0 for r in rows)
@@ -186,3 +194,95 @@ def test_time_budget_fixes_the_steps_records_them_and_resumes_exactly(shakespear
         shutil.rmtree(ckpt)
     resumed = train(replace(cfg, train={"out_dir": str(half)}), resume=True, progress=False)
     assert resumed.step == steps and losses(half) == losses(full)  # the same schedule, step for step
+
+
+def saved_config(run: Path):
+    ckpt = list_checkpoints(run)[-1]
+    return from_dict(read_toml(ckpt / "config.toml"))
+
+
+def test_a_presets_vocabulary_follows_the_tokenizer(shakespeare_shards):
+    cfg = load_config("cpu", {"data.tokenizer": str(shakespeare_shards[1])})  # 2048 rows for 320 tokens
+    fitted, line = vocab_from_tokenizer(cfg)
+    assert fitted.model.vocab_size == 320 and line is not None and "not the config's 2048" in line
+    assert vocab_from_tokenizer(fitted) == (fitted, None)
+    assert vocab_from_tokenizer(replace(cfg, model={"vocab_size": 300}))[0].model.vocab_size == 320
+
+
+def test_the_cli_sizes_a_presets_vocabulary_for_the_tokenizer_unless_told(tmp_path, capsys):
+    """The README's tour: an 8192-token tokenizer with the 2048-token `cpu` preset. Here 2,100 tokens."""
+    text = SHAKESPEARE.read_text()[:100_000]
+    (tmp_path / "train.txt").write_text(text[:90_000])
+    (tmp_path / "val.txt").write_text(text[90_000:])
+    tok = train_tokenizer([text[:90_000]], vocab_size=2100)
+    tok.save(tmp_path / "tok.json")
+    build_shards([tmp_path / "train.txt"], tok, tmp_path / "shards", val_inputs=[tmp_path / "val.txt"], progress=False)
+    args = ["train", "--config", "cpu", "--data.shards", str(tmp_path / "shards"), "--data.tokenizer",
+            str(tmp_path / "tok.json"), "--train.steps", "1", "--train.batch_size", "2", "--train.seq_len", "32",
+            "--train.eval_batches", "1", "--train.dtype", "float32", "--json"]  # fmt: skip
+    assert main([*args, "--train.out_dir", str(tmp_path / "a")]) == 0
+    assert f"model.vocab_size 2112 for the tokenizer's {tok.vocab_size:,} tokens" in capsys.readouterr().err
+    assert saved_config(tmp_path / "a").model.vocab_size == 2112  # rounded up to a multiple of 64
+    assert main([*args, "--train.out_dir", str(tmp_path / "b"), "--model.vocab_size", "2048"]) == 2
+    assert "more than model.vocab_size 2048" in capsys.readouterr().err  # the user's own choice stands
+    own = tmp_path / "own.toml"  # ... also in a TOML of their own
+    own.write_text((Path(__file__).parents[1] / "nomoat/presets/cpu.toml").read_text())
+    assert main([*args[:2], str(own), *args[3:], "--train.out_dir", str(tmp_path / "c")]) == 2
+    assert "more than model.vocab_size 2048" in capsys.readouterr().err
+
+
+def test_a_warmup_longer_than_the_run_is_cut_with_a_warning(shakespeare_shards, tmp_path):
+    """The default 100 warm-up steps in a 30-step fine-tune left the rate at a third of its peak."""
+    cfg = tiny_run(shakespeare_shards, tmp_path, steps=10, warmup_steps=100, schedule="constant", eval_every=0)
+    with pytest.warns(UserWarning, match=r"warmup_steps 100 would not end within the run's 10 steps: .* over 1 "):
+        train(cfg, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if "lr" in r] == [cfg.train.lr] * 10  # warmed up in one step, then the peak
+    assert rows[0]["warmup_steps"] == 1 and "would not end" in rows[0]["warmup_reason"]
+    assert saved_config(tmp_path).train.warmup_steps == 1  # what ran, so that a resumed run keeps it
+
+
+def test_a_checkpoints_config_resumes_from_any_directory(shakespeare_shards, tmp_path, monkeypatch):
+    """Relative paths are saved absolute; the checkpoint's own tokenizer serves when the original has moved."""
+    work = tmp_path / "work"
+    shutil.copytree(shakespeare_shards[0], work / "shards")
+    (work / "tok").mkdir()
+    shutil.copy(shakespeare_shards[1], work / "tok/tokenizer.json")
+    monkeypatch.chdir(work)
+    cfg = tiny_run((Path("shards"), Path("tok/tokenizer.json")), Path("runs/b"), steps=6, save_every=3, eval_every=3)
+    train(cfg, progress=False)
+    full = losses(work / "runs/b")
+    shutil.rmtree(work / "runs/b/checkpoints/step_00000006")  # as if the run had died after step 3
+    (work / "tok/tokenizer.json").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = work / "runs/b/checkpoints/step_00000003/config.toml"
+    assert main(["train", "--config", str(config), "--resume", "--json"]) == 0
+    assert losses(work / "runs/b") == full and not list(elsewhere.iterdir())
+    assert saved_config(work / "runs/b").data.shards == str(work / "shards")
+
+
+def test_ctrl_c_during_validation_stops_it_saves_and_resumes(shakespeare_shards, tmp_path, monkeypatch, capsys):
+    full = tiny_run(shakespeare_shards, tmp_path / "full", steps=6, eval_every=3, save_every=6)
+    train(full, progress=False)
+    cfg = replace(full, train={"out_dir": str(tmp_path / "cut")})
+    finished = []
+
+    def slow_validation(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while validating
+        time.sleep(30)
+        finished.append(True)
+
+    monkeypatch.setattr("nomoat.train.evaluate_loss", slow_validation)
+    start = time.perf_counter()
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(cfg, progress=True)
+    assert time.perf_counter() - start < 20 and not finished
+    assert stopped.value.checkpoint == tmp_path / "cut/checkpoints/step_00000003"
+    err = capsys.readouterr().err
+    params = sum(p.numel() for p in Transformer(cfg.model).parameters())
+    assert f"model: 2 layers x 32, {params:,} parameters; 128 tokens per step (4 x 32 x 1 accumulated)" in err
+    monkeypatch.undo()
+    train(cfg, resume=True, progress=False)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")

@@ -349,7 +349,8 @@ def to_hf(
     state = weights_to_hf(arch, ckpt.cfg.model, state)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    # transformers 5 reads "dtype" and 4 "torch_dtype"; an original config may hold either, so both say the same
+    hf["dtype"] = hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     if ckpt.tokenizer.eos_id is not None:
         hf.setdefault("eos_token_id", ckpt.tokenizer.eos_id)
     with atomic_folder(out) as tmp:

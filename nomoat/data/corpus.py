@@ -13,6 +13,8 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,7 @@ def build_corpus(
     `ray_address` override the recipe's corpus.engine and corpus.ray_address). Returns the datasheet. A JSON
     line that does not parse is skipped with a warning and counted in its source's `bad_lines`, or, with
     `strict`, stops the build. A rerun whose recipe, tokenizer and input bytes are unchanged returns the finished
-    datasheet without rebuilding, unless `force`.
+    datasheet without rebuilding, unless `force`, marked `"skipped": True` (a key the file does not hold).
     """
     recipe = load_recipe(recipe_path)
     engine = engine or recipe.corpus.engine
@@ -60,7 +62,7 @@ def build_corpus(
     reports = [new_report(s, fs, recipe.root) for s, fs in zip(recipe.sources, files, strict=True)]
     fingerprint = _fingerprint(Path(recipe_path), tokenizer, reports, eval_paths)
     if not force and (done := _finished(Path(out_dir), fingerprint)) is not None:
-        return done  # a rerun over the same recipe, tokenizer and input bytes would write the same files
+        return done | {"skipped": True}  # a rerun over the same recipe, tokenizer and input bytes: the same files
     plan = _new_plan(recipe, files, reports, tokenizer, eval_paths, strict)
     records = [{"path": r["name"], "sha256": _combined_sha256(r["files"])} for r in reports]
 
@@ -119,7 +121,21 @@ _WORKER_PREPARER: Preparer | None = None  # set in each local worker process by 
 
 def _init_worker(preparer: Preparer) -> None:
     global _WORKER_PREPARER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (see _start_pool)
     _WORKER_PREPARER = preparer
+
+
+def _start_pool(workers: int, preparer: Preparer) -> Any:
+    """A spawn pool whose workers ignore SIGINT from birth: Ctrl-C reaches the terminal's whole process group,
+    and the parent alone stops the build (with one line; it terminates the pool), rather than every worker
+    printing a traceback. An ignored SIGINT is inherited through exec, and Python keeps it ignored at start-up."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        return multiprocessing.get_context("spawn").Pool(workers, _init_worker, (preparer,))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return multiprocessing.get_context("spawn").Pool(workers, _init_worker, (preparer,))
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _prepare_in_worker(raw: RawBatch, weight: float) -> tuple[Prepared, list[str]]:
@@ -133,7 +149,7 @@ def _local_documents(plan: Plan, bar: tqdm) -> Iterator[tuple[int, str]]:
     workers = plan.recipe.corpus.workers or os.cpu_count() or 1
     pool = None
     if workers > 1:  # spawn: forking a process that runs tokenizer threads can deadlock
-        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (plan.preparer,))
+        pool = _start_pool(workers, plan.preparer)
     pending: collections.deque[tuple[int, Any]] = collections.deque()
 
     def emit(i: int, result: tuple[Prepared, list[str]]) -> Iterator[tuple[int, str]]:

@@ -77,9 +77,19 @@ def markdown(sheet: dict) -> str:
             f"| {s['name']} | {s['weight']:g} | {s['documents_in']:,} | {s['documents_out']:,} | {s['bytes_in']:,} "
             f"| {s['bytes_out']:,} | {s['tokens_out']:,} | {s['token_share']:.1%} | {s['license'] or '?'} |"
         )
+    lines += [
+        "",
+        "The out columns count copies: a source's weight repeats each document it keeps (weight 2: twice; a "
+        "fraction repeats that share of them, picked by a hash of their text), so above a weight of 1 more "
+        "documents can come out than went in. Each source below says how many distinct documents it kept.",
+    ]
     for s in sheet["sources"]:
         lines += ["", f"## {s['name']}", "", f"- path: `{s['path']}`" + (f", from {s['url']}" if s["url"] else "")]
         lines.append(f"- dropped: {drop_summary(s).partition('dropped: ')[2]}")
+        lines.append(
+            f"- kept {s['unique_documents_out']:,} distinct documents; weight {s['weight']:g} makes them "
+            f"{s['documents_out']:,}"
+        )
         if s["bad_lines"]:
             lines.append(f"- JSON lines that did not parse, skipped: {s['bad_lines']:,}")
         if s["contaminated_by"]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import zstandard
@@ -34,6 +34,17 @@ def input_files(path: Path) -> list[Path]:
     if _suffix(path) is None:
         raise UserError(f"{path}: unknown corpus format; expected a folder or one of {', '.join(SUFFIXES)}")
     return [path]
+
+
+def corpus_files(paths: Sequence[Path]) -> list[list[Path]]:
+    """Each input's corpus files (`input_files`): the one rule of what `data build` and `tokenizer train` read.
+    Inputs whose files hold no byte are a UserError naming them and what was looked for, before anything runs."""
+    files = [input_files(path) for path in paths]  # fails fast on a missing input
+    if not any(f.stat().st_size for group in files for f in group):
+        names = ", ".join(map(str, paths))
+        wanted = ", ".join(SUFFIXES[:-1]) + " or " + SUFFIXES[-1]
+        raise UserError(f"no documents in {names}: no non-empty {wanted} file there; the corpus is empty")
+    return files
 
 
 def input_sha256(path: Path) -> str:
@@ -142,8 +153,8 @@ def read_corpus_file(
         raise UserError(f"{path}: unknown corpus format {fmt!r}; expected one of {', '.join(SUFFIXES)}")
 
 
-def read_documents(path: str | Path) -> Iterator[str]:
-    """Documents of a .txt (the whole file), .jsonl or .jsonl.zst (each line's "text"), or a folder."""
-    for file in input_files(Path(path)):
-        for record, _ in read_corpus_file(file):
-            yield record["text"]
+def read_documents(*paths: str | Path) -> Iterator[str]:
+    """Documents of .txt files (the whole file), JSON lines or parquet (each record's "text"), or folders of them.
+    The inputs are checked now, not at the first read: no corpus bytes in them is a UserError (`corpus_files`)."""
+    files = [file for group in corpus_files([Path(p) for p in paths]) for file in group]
+    return (record["text"] for file in files for record, _ in read_corpus_file(file))

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nomoat.data.encode import Encoded, encode_documents, shard_dtype
-from nomoat.data.formats import input_files, input_sha256, read_corpus_file
+from nomoat.data.formats import corpus_files, input_sha256, read_corpus_file
 from nomoat.errors import UserError
 from nomoat.files import BadLines, atomic_folder
 from nomoat.tokenizer import EOS_CANDIDATES, Tokenizer
@@ -168,10 +168,8 @@ def build_shards(
     if not inputs:
         raise UserError("no corpus inputs given")
     paths = [Path(p) for p in [*inputs, *val_inputs]]
-    files = [input_files(path) for path in paths]  # fails fast on a missing input
+    files = corpus_files(paths)  # before the progress bar, so that an empty corpus's error is the only line
     total = sum(f.stat().st_size for fs in files for f in fs)
-    if total == 0:  # before the progress bar, so the error stays the only line printed
-        raise UserError(f"no documents in {', '.join(map(str, paths))}: the corpus is empty")
     records = [{"path": str(path), "sha256": input_sha256(path), "bad_lines": 0} for path in paths]
     log = BadLines()
 

@@ -6,12 +6,14 @@ with different tokenizers compare fairly (the nanochat and nanoGPT figures are i
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from nomoat.data import ShardSet, iter_eval_batches
 from nomoat.errors import UserError
@@ -30,20 +32,24 @@ def evaluate_loss(
     max_batches: int | None = None,
     device: str | torch.device = "cpu",
     autocast: torch.autocast | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """Mean loss in nats per token and bits per byte over the split (or its first max_batches)."""
+    """Mean loss in nats per token and bits per byte over the split (or its first max_batches). With progress,
+    a bar on stderr: a whole validation split can take minutes."""
     was_training = model.training
     model.eval()
     total_nats, total_tokens = 0.0, 0
-    for x, y in iter_eval_batches(shards, batch_size, seq_len, max_batches or None):
-        x, y = x.to(device), y.to(device)
-        if autocast is not None:
-            with autocast:
+    n_full, tail = divmod(shards.tokens - 1, seq_len)  # the batches iter_eval_batches will yield
+    n_batches = -(-n_full // batch_size) + (1 if tail else 0)
+    n_batches = min(n_batches, max_batches) if max_batches else n_batches
+    batches = iter_eval_batches(shards, batch_size, seq_len, max_batches or None)
+    with tqdm(batches, total=n_batches, desc="validation", unit="batch", leave=False, disable=not progress) as bar:
+        for x, y in bar:
+            x, y = x.to(device), y.to(device)
+            with autocast or contextlib.nullcontext():
                 logits = model(x)
-        else:
-            logits = model(x)
-        total_nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-        total_tokens += y.numel()
+            total_nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+            total_tokens += y.numel()
     model.train(was_training)
     # the bytes behind the predicted tokens, pro rata when only part of the split was scored
     bytes_covered = shards.bytes * total_tokens / shards.tokens

@@ -9,6 +9,7 @@ front of the app (guard.py), batching and sampling (engine.py), loading a model 
 from __future__ import annotations
 
 import asyncio
+import errno
 import secrets
 import signal
 import socket
@@ -48,7 +49,7 @@ from nomoat.serve.protocol import (
 )
 from nomoat.tokenizer import Tokenizer
 
-__all__ = ["ServeConfig", "build_app", "running", "serve"]
+__all__ = ["ServeConfig", "bind", "build_app", "running", "serve"]
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -65,6 +66,7 @@ class ServeConfig:
     max_queue: int = 64  # sequences waiting for a slot before requests get 429
     max_context: int = 4096  # tokens per sequence, when the model's own context is longer
     compile: bool = True  # decode through generate.py's compiled step (compiled once, at start-up)
+    name: str | None = None  # the model id clients send and /v1/models lists; None: from the model's folder
 
     def __post_init__(self) -> None:
         if min(self.max_batch, self.max_queue, self.max_context - 1) < 1:
@@ -76,6 +78,8 @@ class ServeConfig:
             raise UserError(f"--port {self.port} is not a port number")
         if self.no_api_key and self.api_key is not None:
             raise UserError("--api-key and --no-api-key contradict each other: give one")
+        if self.name is not None and not self.name.strip():
+            raise UserError("--name is empty: give the model id to serve, or leave it out for the folder's name")
 
 
 def keyed(cfg: ServeConfig) -> ServeConfig:
@@ -402,31 +406,57 @@ def build_app(model: Transformer, tokenizer: Tokenizer, model_name: str, cfg: Se
     return Guard(app, cfg.api_key, MAX_BODY_BYTES, metrics, paths)
 
 
-def serve(ckpt: Any, cfg: ServeConfig) -> None:
-    """Serve a loaded model (anything with `.model`, `.tokenizer` and `.path`, as a Checkpoint has) until Ctrl-C."""
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, taken before the model loads, so that a busy port is one line at once
+    rather than an error after a minute of loading (connections made meanwhile wait in the backlog)."""
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a just-closed server's port
+        sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's default backlog
+    except OSError as e:  # socket.gaierror for an unknown host name is one too
+        sock.close()
+        why = "the port is in use (another server is on it?)" if e.errno == errno.EADDRINUSE else e.strerror or e
+        raise UserError(f"cannot serve on {host}:{port}: {why}") from None
+    return sock
+
+
+def served_name(ckpt: Any, cfg: ServeConfig) -> str:
+    """--name, or the model's folder: a run's name for one of its checkpoints (runs/a/checkpoints/step_N)."""
+    if cfg.name is not None:
+        return cfg.name.strip()
+    return ckpt.path.name if not ckpt.path.name.startswith("step_") else ckpt.path.parent.parent.name
+
+
+def serve(ckpt: Any, cfg: ServeConfig, sock: socket.socket | None = None) -> None:
+    """Serve a loaded model (anything with `.model`, `.tokenizer` and `.path`, as a Checkpoint has) until Ctrl-C,
+    on `sock` when the caller bound the port before loading (`bind`), else on cfg's host and port."""
     cfg = keyed(cfg)
-    name = ckpt.path.name if not ckpt.path.name.startswith("step_") else ckpt.path.parent.parent.name
-    app = build_app(ckpt.model, ckpt.tokenizer, name, cfg)
+    app = build_app(ckpt.model, ckpt.tokenizer, served_name(ckpt, cfg), cfg)
     if cfg.compile:  # paid once here, so that no request waits for it
         print(f"nomoat: decode step compiled in {app.app.state.engine.warm_up():.1f} s", file=sys.stderr)
-    run_server(app, host=cfg.host, port=cfg.port)
+    run_server(app, host=cfg.host, port=cfg.port, sock=sock)
 
 
-def run_server(app: Guard, host: str, port: int) -> None:
+def run_server(app: Guard, host: str, port: int, sock: socket.socket | None = None) -> None:
     """Answer HTTP from a thread and run the app's engine on this one, the main thread (Engine.run says why),
     until Ctrl-C or SIGTERM, which stop both gracefully."""
     import uvicorn
 
+    sock = sock or bind(host, port)
     engine = app.app.state.engine
     engine.running = True  # the loop is this thread's: the app's lifespan then starts no thread for it
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="nomoat-http", daemon=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="nomoat-http", daemon=True)
     thread.start()
     while not server.started:
         if not thread.is_alive():  # uvicorn has printed why (the address in use, say)
             raise UserError(f"could not serve on {host}:{port}")
         time.sleep(0.05)
-    name = app.app.state.model_name
+    name, port = app.app.state.model_name, sock.getsockname()[1]  # the port taken, also for --port 0
     print(f"nomoat: serving {name!r} on http://{host}:{port}/ (chat page) and /v1", file=sys.stderr)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: a graceful stop, as uvicorn's own
     try:
@@ -436,6 +466,7 @@ def run_server(app: Guard, host: str, port: int) -> None:
     finally:
         server.should_exit = True
         thread.join()
+        sock.close()
 
 
 @contextmanager
