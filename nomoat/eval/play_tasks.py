@@ -10,6 +10,7 @@ a chat model can be taught and measured from public-domain text alone, with noth
 
 from __future__ import annotations
 
+import bisect
 import os
 import random
 import re
@@ -103,24 +104,20 @@ MAKERS: dict[str, Callable[[Sequence[tuple[str, str]], random.Random], Made | No
 
 
 def look_alike(answer: str, cast: Sequence[str], exclude: set[str]) -> str | None:
-    """The cast name that starts most like the answer: the mistake of a model that copies the first piece of a
-    name and then writes one it remembers (ANTONIO -> ANTIGONUS)."""
-    best, best_len = None, 0
-    for name in cast:
-        if name in exclude:
-            continue
-        n = len(os.path.commonprefix([answer, name]))
-        if n > best_len:
-            best, best_len = name, n
-    return best
+    """The cast name (cast sorted) that starts most like the answer: the mistake of a model that copies the first
+    piece of a name and then writes one it remembers (ANTONIO -> ANTIGONUS). In sorted order the names sharing
+    the longest prefix with the answer sit next to where it would go, so only the nearest few are looked at."""
+    at = bisect.bisect_left(cast, answer)
+    near = [n for n in cast[max(0, at - 4) : at + 4] if n not in exclude and n != answer]
+    best = max(near, key=lambda n: len(os.path.commonprefix([answer, n])), default=None)
+    return best if best and os.path.commonprefix([answer, best]) else None
 
 
 def wrong_answer(made: Made, cast: Sequence[str], passage_names: set[str], rng: random.Random) -> str:
     """A plausible wrong answer: another speaker of the passage, or half of the time a look-alike name."""
-    question, answer, others = made
-    if rng.random() < 0.5 and (alike := look_alike(answer, cast, passage_names)):
+    if rng.random() < 0.5 and (alike := look_alike(made[1], cast, passage_names)):
         return alike
-    return rng.choice(others)
+    return rng.choice(made[2])
 
 
 def make_items(
@@ -133,10 +130,9 @@ def make_items(
 ) -> list[Item]:
     """Up to n items, tasks in turn, from passages of `text` in a seeded random order; passages start every
     `stride` speeches (1 overlaps them: more training items from the same text). `rename` > 0 uses each passage
-    that many times, its speakers renamed each time with names drawn from the whole cast and from the text's
-    words written as names (HONOUR:), so that an answer cannot be guessed from which play a passage is from or
-    from names the model knows: a model trained on such items must read the passage, and so can answer on plays
-    it never saw."""
+    that many times, its speakers renamed each time with names drawn from the whole cast, so that an answer
+    cannot be guessed from which play a passage is from: a model trained on such items must read the passage,
+    and so can answer on plays it never saw."""
     if unknown := [t for t in tasks if t not in MAKERS]:
         raise UserError(f"unknown play task {unknown[0]!r} (known: {', '.join(MAKERS)})")
     found = speeches(text)
@@ -144,8 +140,6 @@ def make_items(
         raise UserError("the text has too few speeches ('NAME:' then a line) to make play tasks from")
     rng = random.Random(seed)
     cast = sorted({name for name, _ in found})
-    if rename:  # and names no play has: a held-out play's cast is new to the model, so some of these must be too
-        cast = sorted(set(cast) | {w.upper() for w in re.findall(r"\b[a-z]{4,9}\b", text)})
     starts = list(range(0, len(found) - PASSAGE_SPEECHES + 1, stride)) * max(1, rename)
     rng.shuffle(starts)
     items: list[Item] = []
