@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 from nomoat.config import RunConfig, from_dict, read_toml
 from nomoat.errors import UserError
-from nomoat.files import atomic_file
+from nomoat.files import write_text_atomic
 from nomoat.lineage import lineage
 from nomoat.load import model_folder, model_kind
 
@@ -87,12 +86,7 @@ def write_model_card(
         meta["base_model_relation"] = "adapter" if (out / "adapter_config.json").is_file() else "finetune"
     text = "---\n" + "\n".join(yaml_lines(meta)) + "\n---\n\n" + card_body(info, cfg, meta, name)
     path = out / "README.md"
-    with atomic_file(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    return path
+    return write_text_atomic(path, text)
 
 
 def training_data(info: dict[str, Any], depth: int = 8) -> list[dict[str, Any]]:

@@ -80,6 +80,16 @@ def atomic_file(out: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def write_text_atomic(out: str | Path, text: str) -> Path:
+    """Write a text file whole or not at all: through atomic_file, flushed to disk before it replaces `out`."""
+    with atomic_file(out) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(out)
+
+
 class BadLines:
     """The skip-and-count mode of `read_records`: each bad line is counted, the first `shown` are named on
     stderr, and `close` says how many more were skipped."""

@@ -25,7 +25,7 @@ from typing import Any
 from nomoat.checkpoint import list_checkpoints
 from nomoat.config import RunConfig, from_dict, read_toml, resolve_preset, to_toml
 from nomoat.errors import UserError
-from nomoat.files import atomic_file, atomic_folder
+from nomoat.files import atomic_folder, write_text_atomic
 from nomoat.run_recipe import STAGES, RunRecipe, TrainStage, recipe_dict
 
 VERSION = 1  # bump when a stage's output changes for the same settings: older runs then redo it
@@ -69,7 +69,7 @@ class Pipeline:
     def execute(self) -> dict[str, dict[str, Any]]:
         """Run (or skip) every stage in order; returns each stage's outputs."""
         self.run.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run / "recipe.toml", self.recipe.to_toml())
+        write_text_atomic(self.run / "recipe.toml", self.recipe.to_toml())
         stages = self.stages()
         last_training = next((s for s in reversed(stages) if s in TRAINING), None)
         for stage in stages:
@@ -94,7 +94,7 @@ class Pipeline:
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
             started = {"fingerprint": self.fingerprint, "wall_s": 0.0}
-            atomic_write_text(folder / "started.json", json.dumps(started))
+            write_text_atomic(folder / "started.json", json.dumps(started))
             say(f"[{stage}] starting")
         else:
             say(f"[{stage}] resuming")
@@ -103,10 +103,10 @@ class Pipeline:
             outputs = RUNNERS[stage](self, folder)
         finally:
             started["wall_s"] += time.perf_counter() - t0
-            atomic_write_text(folder / "started.json", json.dumps(started))
+            write_text_atomic(folder / "started.json", json.dumps(started))
         record = {"stage": stage, "fingerprint": self.fingerprint, "inputs": inputs, "wall_s": started["wall_s"]}
         record |= {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "outputs": outputs}
-        atomic_write_text(folder / "stage.json", json.dumps(record, indent=1, default=str))
+        write_text_atomic(folder / "stage.json", json.dumps(record, indent=1, default=str))
         self.outputs[stage] = outputs
         self.ran.add(stage)
         say(f"[{stage}] done in {started['wall_s']:.1f} s")
@@ -192,7 +192,7 @@ class Pipeline:
         from nomoat.distributed import launch
 
         path = folder / "config.toml"
-        atomic_write_text(path, to_toml(cfg))
+        write_text_atomic(path, to_toml(cfg))
         command = "train" if stage == "pretrain" else "finetune"
         launch(self.nproc, [command, "--config", str(path), *(["--resume"] if resume else [])])
 
@@ -205,11 +205,6 @@ class Pipeline:
         with atomic_folder(out) as tmp:
             shutil.copytree(last, tmp, dirs_exist_ok=True)
         return out
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_file(path) as tmp:
-        Path(tmp).write_text(text)
 
 
 def _merge(raw: dict[str, Any], tables: dict[str, Any]) -> dict[str, Any]:
@@ -284,14 +279,14 @@ def run_corpus(p: Pipeline, folder: Path) -> dict[str, Any]:
     text = corpus_text(c.files)
     cut = text.rfind("\n", 0, int(len(text) * (1 - c.val_fraction))) + 1 or int(len(text) * (1 - c.val_fraction))
     out = {"train": str(folder / "train.txt"), "val": str(folder / "val.txt")}
-    atomic_write_text(folder / "train.txt", text[:cut])
-    atomic_write_text(folder / "val.txt", text[cut:])
+    write_text_atomic(folder / "train.txt", text[:cut])
+    write_text_atomic(folder / "val.txt", text[cut:])
     builtin = c.files == ("builtin:shakespeare",)
     source = {"name": c.source, "license": c.license, "url": c.url}
     if builtin:
         source = {k: v or SHAKESPEARE[k] for k, v in source.items()}
     source["name"] = source["name"] or ", ".join(Path(f).name for f in c.files)
-    atomic_write_text(folder / "source.json", json.dumps(source, indent=1))
+    write_text_atomic(folder / "source.json", json.dumps(source, indent=1))
     out["source"] = str(folder / "source.json")
     if c.play_tasks:
         out["tasks"] = write_play_tasks(text[:cut], text[cut:], c.play_tasks, c.shots, folder / "tasks")
@@ -317,7 +312,7 @@ def write_play_tasks(train: str, val: str, heldout: int, shots: int, folder: Pat
     }
     folder.mkdir(parents=True, exist_ok=True)
     for name, records in files.items():
-        atomic_write_text(folder / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        write_text_atomic(folder / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     say(f"[corpus] play tasks: {half:,} conversations, {len(items) - half:,} preference pairs, {len(held)} held out")
     return {name: str(folder / f"{name}.jsonl") for name in files}
 
@@ -373,7 +368,7 @@ def run_eval(p: Pipeline, folder: Path) -> dict[str, Any]:
     if e.bpb and "val" in corpus:
         text = Path(corpus["val"]).read_text()
         val = folder / "val_sample.txt"
-        atomic_write_text(val, text[: e.max_bytes] if e.max_bytes else text)
+        write_text_atomic(val, text[: e.max_bytes] if e.max_bytes else text)
     results: dict[str, Any] = {"stages": {}, "samples": [], "heldout": len(held)}
     for name, path in models.items():
         ckpt = load_model(path)
@@ -390,7 +385,7 @@ def run_eval(p: Pipeline, folder: Path) -> dict[str, Any]:
             row["task_metrics"] = task_metrics(ckpt.model, ckpt.tokenizer, e.tasks)
         results["stages"][name] = row
         say(f"[eval] {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
-    atomic_write_text(folder / "results.json", json.dumps(results, indent=1))
+    write_text_atomic(folder / "results.json", json.dumps(results, indent=1))
     return {"results": str(folder / "results.json")}
 
 

@@ -14,7 +14,6 @@ import html
 import io
 import json
 import math
-import os
 import re
 import statistics
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any
 
 from nomoat.checkpoint import list_checkpoints
 from nomoat.errors import UserError
-from nomoat.files import BadLines, atomic_file, file_sha256, read_json, read_records
+from nomoat.files import BadLines, file_sha256, read_json, read_records, write_text_atomic
 from nomoat.lineage import lineage
 
 TRAINING = ("pretrain", "sft", "dpo")
@@ -80,11 +79,7 @@ def build_report(run: str | Path) -> tuple[Path, Path]:
     title = f"Report card: {run.resolve().name}"
     paths = run / "report.md", run / "report.html"
     for path, text in zip(paths, (render_markdown(title, blocks), render_html(title, blocks)), strict=True):
-        with atomic_file(path) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
+        write_text_atomic(path, text)
     return paths
 
 
