@@ -352,7 +352,7 @@ def run_eval(p: Pipeline, folder: Path) -> dict[str, Any]:
     """Each model's bits per byte on the validation text, its held-out play-task accuracy (the base model with a
     few-shot prompt, the tuned ones through their chat template) and any task files; eval/results.json."""
     from nomoat.eval.loss import evaluate_text
-    from nomoat.eval.play_tasks import Item, score
+    from nomoat.eval.play_tasks import read_items, score
     from nomoat.eval.tasks import task_metrics
     from nomoat.load import load_model
 
@@ -362,8 +362,8 @@ def run_eval(p: Pipeline, folder: Path) -> dict[str, Any]:
     if not models:
         raise UserError("[eval] needs a training stage (pretrain, sft or dpo) to evaluate")
     tasks = corpus.get("tasks") if e.play_tasks else None
-    held = [Item(**json.loads(line)) for line in Path(tasks["heldout"]).open()] if tasks else []
-    shots = [Item(**json.loads(line)) for line in Path(tasks["shots"]).open()] if tasks else []
+    held = read_items(tasks["heldout"]) if tasks else []
+    shots = read_items(tasks["shots"]) if tasks else []
     val = None
     if e.bpb and "val" in corpus:
         text = Path(corpus["val"]).read_text()

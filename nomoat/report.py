@@ -242,20 +242,14 @@ class TrainingStage:
         """Loss against step and against seconds; for DPO also the reward margin and accuracy."""
         from matplotlib.figure import Figure
 
+        from nomoat.train import draw_losses, loss_panels
+
         train, val = self.train_rows, self.val_rows
         rewards = [r for r in train if "rewards/margins" in r]
-        timed = all("elapsed_s" in r for r in train + val)
-        panels = [("step", "step")] + ([("elapsed_s", "training seconds")] if timed else [])
+        panels = loss_panels(train, val)
         fig = Figure(figsize=(5 * (len(panels) + bool(rewards)), 3.6))
         axes = fig.subplots(1, len(panels) + bool(rewards), squeeze=False)[0]
-        for ax, (key, label) in zip(axes, panels, strict=False):
-            ax.plot([r[key] for r in train], [r["loss"] for r in train], label="train")
-            if val:
-                ax.plot([r[key] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-            ax.set_xlabel(label)
-            ax.set_ylabel("loss")
-            ax.grid(alpha=0.3)
-            ax.legend()
+        draw_losses(axes, panels, train, val)
         if rewards:
             ax = axes[-1]
             ax.plot([r["step"] for r in rewards], [r["rewards/margins"] for r in rewards], label="reward margin")

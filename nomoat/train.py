@@ -610,6 +610,25 @@ def _has_val(train_set: ShardSet) -> bool:
     return train_set.manifest["splits"]["val"]["tokens"] > 0
 
 
+def loss_panels(train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(metrics key, axis label) of each loss panel: against step, and against training seconds when every row
+    has them (metrics from before elapsed_s was logged do not)."""
+    timed = all("elapsed_s" in r for r in train_rows + val_rows)
+    return [("step", "step")] + ([("elapsed_s", "training seconds")] if timed else [])
+
+
+def draw_losses(axes: Any, panels: list[tuple[str, str]], train_rows: list[dict], val_rows: list[dict]) -> None:
+    """Train and validation loss on each panel's axis: the run's loss.png and the report card draw the same."""
+    for ax, (key, label) in zip(axes, panels, strict=False):
+        ax.plot([r[key] for r in train_rows], [r["loss"] for r in train_rows], label="train")
+        if val_rows:
+            ax.plot([r[key] for r in val_rows], [r["val_loss"] for r in val_rows], "o-", label="validation")
+        ax.set_xlabel(label)
+        ax.set_ylabel("loss (nats per token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+
+
 def plot_losses(metrics_file: Path, out: Path) -> None:
     """Train and validation loss against step and against training seconds (quality per wall-clock second is
     what runs are compared by), for a glance at the run without a dashboard."""
@@ -621,16 +640,9 @@ def plot_losses(metrics_file: Path, out: Path) -> None:
     rows = _read_metrics(metrics_file, 2**62)
     train_rows = [r for r in rows if "loss" in r]
     val_rows = [r for r in rows if "val_loss" in r]
-    timed = all("elapsed_s" in r for r in train_rows + val_rows)  # metrics from before elapsed_s was logged
-    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 7, 4), squeeze=False)
-    for ax, key, label in zip(axes[0], ("step", "elapsed_s"), ("step", "training seconds"), strict=False):
-        ax.plot([r[key] for r in train_rows], [r["loss"] for r in train_rows], label="train")
-        if val_rows:
-            ax.plot([r[key] for r in val_rows], [r["val_loss"] for r in val_rows], "o-", label="validation")
-        ax.set_xlabel(label)
-        ax.set_ylabel("loss (nats per token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    panels = loss_panels(train_rows, val_rows)
+    fig, axes = plt.subplots(1, len(panels), figsize=(11 if len(panels) == 2 else 7, 4), squeeze=False)
+    draw_losses(axes[0], panels, train_rows, val_rows)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -11,11 +11,13 @@ a chat model can be taught and measured from public-domain text alone, with noth
 from __future__ import annotations
 
 import bisect
+import json
 import os
 import random
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -206,5 +208,7 @@ def score(
     }
 
 
-def items_from_records(records: Iterator[dict[str, Any]]) -> list[Item]:
-    return [Item(**r) for r in records]
+def read_items(path: str | Path) -> list[Item]:
+    """Items as the corpus stage saves them, one JSON object per line."""
+    with open(path, encoding="utf-8") as f:
+        return [Item(**json.loads(line)) for line in f]
