@@ -176,7 +176,7 @@ def cmd_run(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     from nomoat.pipeline import StageInterrupted, run_recipe
     from nomoat.run_recipe import load_run_recipe
 
-    recipe = load_run_recipe(args.recipe, overrides)
+    recipe = load_run_recipe(args.recipe, {**overrides, **({"out_dir": args.out} if args.out else {})})
     try:
         pipeline = run_recipe(recipe, nproc=args.nproc, start_from=args.start_from, progress=not args.json)
     except StageInterrupted as e:
@@ -519,6 +519,7 @@ def _add_training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
 
     p = add("run", "run a staged recipe: corpus, tokenizer, pretrain, sft, dpo, eval, report (each optional)")
     p.add_argument("recipe", help="a run recipe .toml, or a bundled one (chat-demo, gpt2-chat)")
+    p.add_argument("--out", help="the run folder (the recipe's out_dir)")
     p.add_argument("--from", dest="start_from", metavar="STAGE", help="rerun from this stage on, done or not")
     p.add_argument("--nproc", type=int, default=1, help="processes for the training stages, started with torchrun")
     p.set_defaults(func=cmd_run)

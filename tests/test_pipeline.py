@@ -234,3 +234,9 @@ def test_pretrain_without_tokenizer_stage_is_an_error(tmp_path: Path) -> None:
     raw = {"out_dir": str(tmp_path / "x"), "pretrain": {"config": "cpu"}}
     with pytest.raises(UserError, match="needs a \\[tokenizer\\] stage"):
         pipeline.run_recipe(parse_run_recipe(raw, tmp_path), progress=False)
+
+
+def test_out_sets_the_run_folder(tmp_path: Path, capsys) -> None:
+    assert main(["run", "chat-demo", "--out", str(tmp_path / "elsewhere"), "--corpus.files", '["nope.txt"]']) == 2
+    assert "corpus.files: nope.txt: no such file or folder" in capsys.readouterr().err
+    assert (tmp_path / "elsewhere" / "recipe.toml").is_file()
