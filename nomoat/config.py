@@ -172,6 +172,10 @@ class FinetuneConfig:
     beta: float = 0.1  # how far the policy may move from the reference (IPO's tau)
     label_smoothing: float = 0.0  # sigmoid only: the chance a preference label is flipped (conservative DPO)
     precompute_ref: bool = False  # reference log-probs computed once up front: no reference forward per step
+    # dpo: weight of a next-token loss on the chosen completions added to the preference loss (TRL's
+    # loss_type ["sigmoid", "sft"] with loss_weights [1, sft_weight]; RPO, arXiv:2404.19733): keeps the chosen
+    # answers' likelihood from falling while the margin grows
+    sft_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lora_rank <= 0:
@@ -184,6 +188,10 @@ class FinetuneConfig:
             raise UserError(f"finetune.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.dpo_loss != "sigmoid":
             raise UserError(f"finetune.label_smoothing applies to dpo_loss 'sigmoid' only, not {self.dpo_loss!r}")
+        if self.sft_weight < 0:
+            raise UserError(f"finetune.sft_weight must be zero or positive, got {self.sft_weight}")
+        if self.sft_weight and self.objective != "dpo":
+            raise UserError("finetune.sft_weight applies to objective 'dpo' only")
         if self.objective == "dpo" and self.packing:
             raise UserError("finetune.packing does not apply to objective 'dpo': each pair is its own row")
 

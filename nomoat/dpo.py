@@ -213,11 +213,12 @@ class DPOLoss:
         label_smoothing: float = 0.0,
         ref_model: torch.nn.Module | None = None,
         precomputed: bool = False,
+        sft_weight: float = 0.0,
     ) -> None:
         if not precomputed and ref_model is None and not lora_layers(model):
             raise UserError("DPO on full weights needs a reference: a frozen copy or precomputed log-probs")
         self.model, self.beta, self.kind, self.label_smoothing = model, beta, kind, label_smoothing
-        self.ref_model, self.precomputed = ref_model, precomputed
+        self.ref_model, self.precomputed, self.sft_weight = ref_model, precomputed, sft_weight
 
     def __call__(
         self, forward: Callable[..., torch.Tensor], batch: tuple[torch.Tensor, ...]
@@ -253,7 +254,12 @@ class DPOLoss:
             "logps/chosen": policy_chosen.detach().mean(),
             "logps/rejected": policy_rejected.detach().mean(),
         }
-        return losses.mean(), metrics
+        loss = losses.mean()
+        if self.sft_weight:  # TRL's "sft" loss: the mean next-token loss over every chosen token of the batch
+            nll = -policy_chosen.sum() / counts.chunk(2)[0].sum().clamp(min=1)
+            metrics["nll_loss"] = nll.detach()
+            loss = loss + self.sft_weight * nll
+        return loss, metrics
 
     @torch.no_grad()
     def evaluate(

@@ -378,7 +378,7 @@ def use_dpo(
     pad = setup.tokenizer.eos_id or 0
     keep_copy = fc.method == "full" and not fc.precompute_ref
     ref_model = frozen_copy(model) if keep_copy else None
-    objective = DPOLoss(model, fc.beta, fc.dpo_loss, fc.label_smoothing, ref_model, fc.precompute_ref)
+    objective = DPOLoss(model, fc.beta, fc.dpo_loss, fc.label_smoothing, ref_model, fc.precompute_ref, fc.sft_weight)
     if fc.precompute_ref:
         ref = _stored_reference(Path(tc.out_dir), len(pairs)) if resume else None
         if ref is None:

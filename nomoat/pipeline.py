@@ -296,11 +296,13 @@ def run_corpus(p: Pipeline, folder: Path) -> dict[str, Any]:
 
 def write_play_tasks(train: str, val: str, heldout: int, shots: int, folder: Path) -> dict[str, str]:
     """Supervised conversations and preference pairs (disjoint passages) from the training text, few-shot
-    examples for the base model, and held-out items from the validation text."""
+    examples for the base model, and held-out items from the validation text: passages start at every speech
+    there, so that it yields enough items (about 900 from the bundled play's last tenth) to tell a stage's gain
+    of a few points from chance."""
     from nomoat.eval.play_tasks import make_items
 
     items = make_items(train, 10**9, seed=0, stride=1, rename=2)
-    held = make_items(val, heldout, seed=1)
+    held = make_items(val, heldout, seed=1, stride=1)
     if len(held) < heldout:
         raise UserError(f"corpus.play_tasks: the validation text yields {len(held)} items, fewer than {heldout}")
     half = len(items) // 2
@@ -352,7 +354,7 @@ def run_eval(p: Pipeline, folder: Path) -> dict[str, Any]:
     """Each model's bits per byte on the validation text, its held-out play-task accuracy (the base model with a
     few-shot prompt, the tuned ones through their chat template) and any task files; eval/results.json."""
     from nomoat.eval.loss import evaluate_text
-    from nomoat.eval.play_tasks import read_items, score
+    from nomoat.eval.play_tasks import change_line, paired_change, read_items, score
     from nomoat.eval.tasks import task_metrics
     from nomoat.load import load_model
 
@@ -370,6 +372,7 @@ def run_eval(p: Pipeline, folder: Path) -> dict[str, Any]:
         val = folder / "val_sample.txt"
         write_text_atomic(val, text[: e.max_bytes] if e.max_bytes else text)
     results: dict[str, Any] = {"stages": {}, "samples": [], "heldout": len(held)}
+    before: tuple[str, list[bool]] | None = None  # the previous stage's right and wrong items
     for name, path in models.items():
         ckpt = load_model(path)
         row: dict[str, Any] = {"model": path}
@@ -378,6 +381,9 @@ def run_eval(p: Pipeline, folder: Path) -> dict[str, Any]:
         if held:
             scored = score(ckpt.model, ckpt.tokenizer, held, shots if name == "base" else ())
             row |= {"accuracy": scored["accuracy"], "tasks": scored["tasks"]}
+            if before is not None:
+                row["vs_previous"] = {"stage": before[0], **paired_change(before[1], scored["correct"])}
+            before = (name, scored["correct"])
             for item, reply in list(zip(held, scored["replies"], strict=True))[: e.samples]:
                 chat = [*item.conversation()[:1], {"role": "assistant", "content": reply}]
                 results["samples"].append({"stage": name, "messages": chat, "expected": item.answer})
@@ -385,6 +391,8 @@ def run_eval(p: Pipeline, folder: Path) -> dict[str, Any]:
             row["task_metrics"] = task_metrics(ckpt.model, ckpt.tokenizer, e.tasks)
         results["stages"][name] = row
         say(f"[eval] {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
+        if "vs_previous" in row:
+            say(f"[eval] {name}: {change_line(row['vs_previous'])}")
     write_text_atomic(folder / "results.json", json.dumps(results, indent=1))
     return {"results": str(folder / "results.json")}
 

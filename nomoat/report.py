@@ -366,9 +366,11 @@ def read_results(path: Path) -> dict[str, Any]:
         raise UserError(f'{path}: expected {{"stages": {{stage: {{...}}}}, "samples": [...]}}')
     for name, stage in results.get("stages", {}).items():
         if not isinstance(stage, dict) or not all(
-            isinstance(stage.get(k) or {}, dict) for k in ("tasks", "task_metrics")
+            isinstance(stage.get(k) or {}, dict) for k in ("tasks", "task_metrics", "vs_previous")
         ):
-            raise UserError(f'{path}: stage "{name}" must be an object whose "tasks" and "task_metrics" are objects')
+            raise UserError(
+                f'{path}: stage "{name}" must be an object whose "tasks", "task_metrics" and "vs_previous" are objects'
+            )
     samples = results.get("samples", [])
     for i, s in enumerate(samples if isinstance(samples, list) else [None]):
         ok = isinstance(s, dict) and isinstance(s.get("messages"), list)
@@ -378,16 +380,25 @@ def read_results(path: Path) -> dict[str, Any]:
 
 
 def eval_table(evals: dict[str, Any]) -> Table:
-    """One row per stage: bits per byte, each chat task's accuracy, their mean, then any other task's metrics
-    (`hellaswag/acc`)."""
+    """One row per stage: bits per byte, each chat task's accuracy, their mean and its change from the stage
+    before on the same items (with the McNemar p-value), then any other task's metrics (`hellaswag/acc`)."""
     tasks = sorted({t for stage in evals.values() for t in stage.get("tasks", {})})
     others = sorted({k for stage in evals.values() for k in stage.get("task_metrics") or {}})
+    paired = any("vs_previous" in stage for stage in evals.values())
     rows = []
     for name, stage in evals.items():
         cells = [_number(stage.get("val_bpb")), *(_number(stage.get("tasks", {}).get(t)) for t in tasks)]
-        cells += [_number(stage.get("accuracy")), *(_number((stage.get("task_metrics") or {}).get(k)) for k in others)]
+        cells += [_number(stage.get("accuracy")), *([_change(stage.get("vs_previous"))] if paired else [])]
+        cells += [_number((stage.get("task_metrics") or {}).get(k)) for k in others]
         rows.append([name, *cells])
-    return Table(["stage", "bits per byte", *tasks, "mean accuracy", *others], rows)
+    change = ["change (McNemar p)"] if paired else []
+    return Table(["stage", "bits per byte", *tasks, "mean accuracy", *change, *others], rows)
+
+
+def _change(change: dict[str, Any] | None) -> str:
+    if not change or not {"change", "p_value", "stage"} <= change.keys():
+        return "–"
+    return f"{100 * change['change']:+.1f} points vs {change['stage']} (p = {change['p_value']:.2g})"
 
 
 def _number(value: Any) -> str:

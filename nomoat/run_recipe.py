@@ -171,6 +171,8 @@ def _check_tables(name: str, tables: dict[str, dict[str, Any]]) -> None:
             if key not in hints:
                 raise unknown_key(f"{name}.{section}.{key}", [f"{name}.{section}.{k}" for k in hints])
             check_value(f"{name}.{section}.{key}", hints[key], value)
+    if name == "dpo":  # as the stage will run it
+        tables = {**tables, "finetune": {**tables.get("finetune", {}), "objective": "dpo"}}
     try:  # each section's own checks (ranges, combinations), now rather than when the stage starts
         from_dict(tables, where=f"[{name}]")
     except UserError as e:

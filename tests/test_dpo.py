@@ -74,7 +74,9 @@ def where(records: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     return [(f"pairs.jsonl:{i + 1}", r) for i, r in enumerate(records)]
 
 
-def trl_side(hf_base: Path, tmp: Path, records: list, kind: str, beta: float, precompute: bool) -> Any:
+def trl_side(
+    hf_base: Path, tmp: Path, records: list, kind: str, beta: float, precompute: bool, sft: float = 0.0
+) -> Any:
     """TRL's DPOTrainer with a fresh LoRA adapter (so its reference is the adapter switched off), set up but not
     trained: its dataset as TRL tokenized it, and its compute_loss."""
     from datasets import Dataset
@@ -83,7 +85,8 @@ def trl_side(hf_base: Path, tmp: Path, records: list, kind: str, beta: float, pr
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(
-        output_dir=str(tmp / "trl"), beta=beta, loss_type=[kind], precompute_ref_log_probs=precompute,
+        output_dir=str(tmp / "trl"), beta=beta, precompute_ref_log_probs=precompute,
+        loss_type=[kind, "sft"] if sft else [kind], loss_weights=[1.0, sft] if sft else None,
         per_device_train_batch_size=len(records), max_length=None, report_to="none", use_cpu=True,
         gradient_checkpointing=False, save_strategy="no", dataloader_num_workers=0, seed=0, bf16=False,
     )  # fmt: skip
@@ -122,27 +125,33 @@ def copy_lora_into_peft(model: torch.nn.Module, peft_model: torch.nn.Module) -> 
 
 
 @pytest.mark.parametrize(
-    "kind, records, precompute",
+    "kind, records, precompute, sft",
     [
-        ("sigmoid", string_records, False),
-        ("sigmoid", chat_records, False),
-        ("ipo", string_records, False),
-        ("ipo", chat_records, False),
-        ("sigmoid", string_records, True),
-        ("ipo", chat_records, True),
+        ("sigmoid", string_records, False, 0.0),
+        ("sigmoid", chat_records, False, 0.0),
+        ("ipo", string_records, False, 0.0),
+        ("ipo", chat_records, False, 0.0),
+        ("sigmoid", string_records, True, 0.0),
+        ("ipo", chat_records, True, 0.0),
+        ("sigmoid", chat_records, False, 0.7),
+        ("ipo", string_records, True, 0.3),
     ],
-    ids=["sigmoid-str", "sigmoid-chat", "ipo-str", "ipo-chat", "sigmoid-str-precomputed", "ipo-chat-precomputed"],
-)
-def test_loss_rewards_and_gradients_match_trl(hf_base: Path, tmp_path: Path, kind: str, records, precompute) -> None:
+    ids=["sigmoid-str", "sigmoid-chat", "ipo-str", "ipo-chat", "sigmoid-str-precomputed", "ipo-chat-precomputed",
+         "sigmoid+sft-chat", "ipo+sft-str-precomputed"],
+)  # fmt: skip
+def test_loss_rewards_and_gradients_match_trl(
+    hf_base: Path, tmp_path: Path, kind: str, records, precompute: bool, sft: float
+) -> None:
+    """Loss, metrics and LoRA gradients equal TRL's, also with its "sft" term added (sft_weight, RPO)."""
     records, beta = records(), 0.5
-    trainer = trl_side(hf_base, tmp_path, records, kind, beta, precompute)
+    trainer = trl_side(hf_base, tmp_path, records, kind, beta, precompute, sft)
     ckpt, model = ours_with_lora(hf_base)
     pairs = read_pairs(ckpt.tokenizer, where(records), 63)[0]
     data = trainer.train_dataset
     assert [p[0] for p in pairs] == data["prompt_ids"]  # tokenized as TRL tokenizes
     assert [p[1] for p in pairs] == data["chosen_ids"] and [p[2] for p in pairs] == data["rejected_ids"]
 
-    objective = DPOLoss(model, beta, kind, precomputed=precompute)
+    objective = DPOLoss(model, beta, kind, precomputed=precompute, sft_weight=sft)
     if precompute:
         ref = precompute_reference(model, pairs, ckpt.tokenizer.eos_id, 2, "cpu")
         torch.testing.assert_close(ref[:, 0], torch.tensor(data["ref_chosen_logps"]), rtol=1e-5, atol=1e-5)
@@ -328,6 +337,8 @@ def test_conversations_need_a_chat_template(hf_base: Path, tmp_path: Path, capsy
          "finetune.label_smoothing applies to dpo_loss 'sigmoid' only, not 'ipo'"),
         (["--finetune.dpo_loss", "hinge"], "finetune.dpo_loss: 'hinge' is not one of 'sigmoid', 'ipo'"),
         (["--finetune.packing", "true"], "finetune.packing does not apply to objective 'dpo'"),
+        (["--finetune.sft_weight", "-1"], "finetune.sft_weight must be zero or positive, got -1.0"),
+        (["--objective", "sft", "--finetune.sft_weight", "1"], "finetune.sft_weight applies to objective 'dpo' only"),
         (["--objective", "sft", "--method", "dpo"], "--method dpo means --objective dpo (with LoRA)"),
     ],
 )  # fmt: skip

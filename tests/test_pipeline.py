@@ -93,6 +93,12 @@ def test_every_stage_leaves_its_folder_and_fingerprint(finished: Path) -> None:
     for row in results["stages"].values():
         assert 0 <= row["accuracy"] <= 1 and row["val_bpb"] > 0
         assert set(row["tasks"]) == {"who_says", "first_speaker", "last_speaker"}
+    for name, before in (("sft", "base"), ("dpo", "sft")):  # each stage tested against the one before, paired
+        change = results["stages"][name]["vs_previous"]
+        assert change["stage"] == before and 0 <= change["p_value"] <= 1
+        accuracies = results["stages"][name]["accuracy"] - results["stages"][before]["accuracy"]
+        assert change["change"] == pytest.approx(accuracies) and change["gained"] + change["lost"] <= results["heldout"]
+    assert "vs_previous" not in results["stages"]["base"]
     assert (finished / "model" / "config.toml").is_file()
 
 

@@ -39,10 +39,16 @@ HOSTILE = "<script>alert(1)</script> a | pipe"  # a sample that must reach both 
 RESULTS = {
     "stages": {
         "base": {"tasks": {"capitals": 0.25, "chat_qa": 0.0}, "accuracy": 0.125, "val_bpb": 3.125},
-        "sft": {"tasks": {"capitals": 0.5, "chat_qa": 0.75}, "accuracy": 0.625, "val_bpb": 3.25},
+        "sft": {
+            "tasks": {"capitals": 0.5, "chat_qa": 0.75},
+            "accuracy": 0.625,
+            "val_bpb": 3.25,
+            "vs_previous": {"stage": "base", "change": 0.5, "gained": 4, "lost": 0, "p_value": 0.125},
+        },
         "dpo": {
             "tasks": {"capitals": 0.5, "chat_qa": 1.0},
             "accuracy": 0.75,
+            "vs_previous": {"stage": "sft", "change": 0.125, "gained": 2, "lost": 1, "p_value": 1.0},
             "val_bpb": 3.375,
             "task_metrics": {"hellaswag/acc": 0.375, "hellaswag/acc_norm": 0.5},
         },
@@ -168,13 +174,17 @@ def test_report_md_has_the_chain_the_stages_and_the_scores(run: Path) -> None:
     dpo = md[md.index("## Stage: dpo") : md.index("## Evaluation across stages")]
     assert "| rewards/margins | 0.8000 |" in dpo  # the last step's
     # each stage's scores, and the table across stages
-    assert "| stage | bits per byte | capitals | chat_qa | mean accuracy | hellaswag/acc | hellaswag/acc_norm |" in md
-    table = md[md.index("## Evaluation across stages") :]
-    for row in ("| base | 3.1250 | 0.2500 | 0.0000 | 0.1250 | – | – |",
-                "| sft | 3.2500 | 0.5000 | 0.7500 | 0.6250 | – | – |",
-                "| dpo | 3.3750 | 0.5000 | 1.0000 | 0.7500 | 0.3750 | 0.5000 |"):  # fmt: skip
-        # also in its own stage's section, where only that stage's columns are
-        assert row in table and row.replace(" – | – |", "") in md[: md.index("## Evaluation across stages")]
+    header = "| stage | bits per byte | capitals | chat_qa | mean accuracy | change (McNemar p) | hellaswag/acc |"
+    assert header in md
+    table, sections = md[md.index("## Evaluation across stages") :], md[: md.index("## Evaluation across stages")]
+    for row, own in (
+        ("| base | 3.1250 | 0.2500 | 0.0000 | 0.1250 | – | – | – |", "| base | 3.1250 | 0.2500 | 0.0000 | 0.1250 |"),
+        ("| sft | 3.2500 | 0.5000 | 0.7500 | 0.6250 | +50.0 points vs base (p = 0.12) | – | – |",
+         "| sft | 3.2500 | 0.5000 | 0.7500 | 0.6250 | +50.0 points vs base (p = 0.12) |"),
+        ("| dpo | 3.3750 | 0.5000 | 1.0000 | 0.7500 | +12.5 points vs sft (p = 1) | 0.3750 | 0.5000 |",
+         "| dpo | 3.3750 | 0.5000 | 1.0000 | 0.7500 | +12.5 points vs sft (p = 1) | 0.3750 | 0.5000 |"),
+    ):  # fmt: skip
+        assert row in table and own + "\n" in sections  # also in its own stage's section, with its columns only
     # samples in their stage's section, escaped: no markup, and no code fence the text could close
     assert "```text\nSay hello.\n```" in sft and f"```text\n{HOSTILE}\n```" in dpo  # fenced: shown, never run
     assert "````text\n```x\n````" in dpo and md.count("<script") == 1 and "(expected: Seven.)" in dpo
