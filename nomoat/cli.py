@@ -213,14 +213,15 @@ def cmd_chat(args: argparse.Namespace) -> None:
     ckpt = _load(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: an empty line, Ctrl-D or Ctrl-C ends; Ctrl-C during a reply stops it; /reset forgets the "
-          "conversation", file=sys.stderr)  # fmt: skip
+          'conversation; end a line with \\ to go on to the next, or put a message between """ lines',
+          file=sys.stderr)  # fmt: skip
     # the decode step compiles while the first message is typed, so that the first reply does not wait for it
     warming = threading.Thread(target=warm_up, args=(ckpt.model,), daemon=True)
     if args.max_new_tokens >= AUTO_COMPILE_TOKENS:
         warming.start()
     while True:
         try:
-            line = input("> ").strip()
+            line = read_message(input)
         except (EOFError, KeyboardInterrupt):  # Ctrl-C at the prompt ends the chat, as Ctrl-D does
             line = ""
             print()
@@ -232,6 +233,22 @@ def cmd_chat(args: argparse.Namespace) -> None:
             messages = messages[:1] if args.system else []
             continue
         messages = _chat_turn(args, ckpt, [*messages, {"role": "user", "content": line}])
+
+
+def read_message(read: Callable[[str], str]) -> str:
+    """One message from the terminal: a line, or several, each but the last ending in a backslash (llama.cpp's
+    convention) or between lines of three double quotes (Ollama's), so a passage can be pasted whole."""
+    first = read("> ")
+    if first.lstrip().startswith('"""'):
+        text = first.lstrip()[3:]
+        while not text.rstrip().endswith('"""'):
+            text += "\n" + read("... ")
+        return text.rstrip()[:-3].strip()
+    lines = [first]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(read("... "))
+    return "\n".join(lines).strip()
 
 
 def _chat_turn(args: argparse.Namespace, ckpt: Any, messages: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -301,3 +301,54 @@ def test_generate_says_when_the_context_cut_it_short(shakespeare_shards, tmp_pat
     assert "before --max-new-tokens 100000" in err[0]
     assert main([*command, "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "typed, message",
+    [
+        (["hello there  "], "hello there"),
+        (["ANTONIO:\\", "What news?\\", "\\", "Who speaks first?"], "ANTONIO:\nWhat news?\n\nWho speaks first?"),
+        (['"""', "ANTONIO:", "What news?", "", "Who speaks first?", '"""'],
+         "ANTONIO:\nWhat news?\n\nWho speaks first?"),
+        (['"""ANTONIO:', 'What news?"""'], "ANTONIO:\nWhat news?"),
+        (['"""one line"""'], "one line"),
+        ([""], ""),
+    ],
+)  # fmt: skip
+def test_chat_reads_multi_line_messages(typed: list[str], message: str) -> None:
+    """A backslash at the end of a line goes on to the next (llama.cpp); a block between \"\"\" lines is one
+    message (Ollama); the prompts say which line is a continuation."""
+    from nomoat.cli import read_message
+
+    lines, prompts = iter(typed), []
+
+    def read(prompt: str) -> str:
+        prompts.append(prompt)
+        return next(lines)
+
+    assert read_message(read) == message
+    assert prompts == ["> ", *["... "] * (len(typed) - 1)] and next(lines, None) is None  # read all, no more
+
+
+def test_chat_sends_a_pasted_passage_as_one_message(shakespeare_shards, tmp_path, monkeypatch):
+    import builtins
+    import dataclasses
+
+    import nomoat.chat
+    from nomoat.checkpoint import save_checkpoint
+    from nomoat.model import Transformer
+    from nomoat.tokenizer import Tokenizer
+
+    cfg = tiny_run(shakespeare_shards, tmp_path / "run")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_seq_len=512))
+    save_checkpoint(tmp_path / "run", 1, Transformer(cfg.model), cfg, Tokenizer.load(shakespeare_shards[1]))
+    typed, seen = iter(['"""', "ANTONIO:", "What news?", "", "Who speaks first?", '"""', ""]), []
+
+    def replying(model, tokenizer, messages, **sampling):
+        seen.append([m["content"] for m in messages])
+        yield "ANTONIO"
+
+    monkeypatch.setattr(builtins, "input", lambda prompt: next(typed))
+    monkeypatch.setattr(nomoat.chat, "stream_reply", replying)
+    assert main(["chat", str(tmp_path / "run"), "--max-new-tokens", "8"]) == 0
+    assert seen == [["ANTONIO:\nWhat news?\n\nWho speaks first?"]]
