@@ -262,7 +262,12 @@ class Clock:
 
     def __init__(self, offset: float = 0.0) -> None:
         self.offset = self.seconds = offset
-        self.last, self.tokens = time.perf_counter(), 0
+        self.last, self.tokens, self.total = time.perf_counter(), 0, 0
+
+    def add(self, tokens: int) -> None:
+        """Tokens a step put through the model (all ranks): since the last lap, and in this session."""
+        self.tokens += tokens
+        self.total += tokens
 
     def restart(self) -> None:
         """Count from here: what came before (building the model, loading a checkpoint) is not training."""
@@ -396,13 +401,20 @@ class Run:
         self.log({"step": step, "elapsed_s": now, "steps": steps, "steps_reason": self.decisions["steps_reason"]})
         return True
 
-    def step(self, step: int) -> tuple[float, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """One optimizer step at the schedule's learning rate: (lr, summed loss, grad norm, the loss's metrics)."""
+    def step(self, step: int) -> tuple[float, int, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimizer step at the schedule's learning rate: (lr, tokens, summed loss, grad norm, the loss's
+        metrics). Tokens are the input positions the model ran, padding and DPO's chosen and rejected rows
+        included (as this rank's times the world size): for pretraining batch_size x seq_len x grad_accum."""
         lr = lr_at(step, self.tc)
         self.optimizer.set_lr(lr)
         batches = distributed.micro_batches(self.loader, self.tc.grad_accum, self.world)
-        return lr, *train_step(
-            self.forward, self.model, self.optimizer, batches, self.tc, self.autocast, self.device, self.setup.loss
+        tokens = sum(batch[0].numel() for batch in batches) * self.world.size
+        return (
+            lr,
+            tokens,
+            *train_step(
+                self.forward, self.model, self.optimizer, batches, self.tc, self.autocast, self.device, self.setup.loss
+            ),
         )
 
     def log_step(
@@ -410,8 +422,9 @@ class Run:
         metrics: dict[str, torch.Tensor],
     ) -> dict:  # fmt: skip
         loss = distributed.mean_over_ranks(loss_sum, self.world).item()
-        tok_s = clock.lap()
-        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tok_s}
+        tokens, tok_s = clock.tokens, clock.lap()
+        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens": tokens}
+        row["tokens_per_s"] = tok_s
         row |= {name: distributed.mean_over_ranks(v, self.world).item() for name, v in metrics.items()}
         row["elapsed_s"] = clock.seconds
         row["flops_per_s"] = self.flops_per_token * tok_s
@@ -467,7 +480,7 @@ class Run:
             val_loss=val.get("val_loss"),
             val_bpb=val.get("val_bpb"),
             train_seconds=clock.seconds - clock.offset,  # this session's, when resumed
-            tokens_per_s=(step - start_step) * self.tokens_per_step / (clock.seconds - clock.offset or 1.0),
+            tokens_per_s=clock.total / (clock.seconds - clock.offset or 1.0),
             checkpoint=list_checkpoints(self.run_dir)[-1],
         )
 
@@ -516,9 +529,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True, setup: Se
         with stop.installed():
             while step < run.tc.steps:
                 tc = run.tc
-                lr, loss_sum, grad_norm, metrics = run.step(step)
+                lr, tokens, loss_sum, grad_norm, metrics = run.step(step)
                 step += 1
-                clock.tokens += run.tokens_per_step
+                clock.add(tokens)
                 if run.spend_budget(step):
                     bar.total = run.tc.steps
                 is_last = step == run.tc.steps

@@ -248,6 +248,11 @@ def test_dpo_through_the_loop_resumes_exactly_and_merges(hf_base: Path, tmp_path
         assert all(name in r for r in train_rows), name
     assert train_rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # a fresh adapter is its own reference: log 2
     assert train_rows[-1]["rewards/margins"] > train_rows[0]["rewards/margins"]
+    # throughput counts the rows the model ran: chosen and rejected (2 x batch_size), as long as the longest pair
+    pairs = read_pairs(load_model(hf_base).tokenizer, where(chat_records()), 48)[0]
+    longest = max(len(p) + max(len(c), len(r)) - 1 for p, c, r in pairs)
+    assert all(r["tokens"] % (2 * 2) == 0 and r["tokens"] <= 2 * 2 * longest for r in train_rows)
+    assert any(r["tokens"] == 2 * 2 * longest for r in train_rows) and longest < 48  # not batch_size x seq_len
     val = [r for r in rows if "val_loss" in r]
     assert len(val) == 2 and "val_rewards/accuracies" in val[-1] and val[-1]["val_loss"] < 0.6931
     assert result.val_loss == val[-1]["val_loss"] and result.val_bpb is None

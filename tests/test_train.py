@@ -136,6 +136,8 @@ def test_metrics_report_throughput_flops_and_elapsed_time(shakespeare_shards, tm
     every = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in every if "loss" in r]
     assert len(rows) == 3 and all(r["tokens_per_s"] > 0 and r["flops_per_s"] > 0 for r in rows)
+    tc = tiny_run(shakespeare_shards, tmp_path).train
+    assert all(r["tokens"] == tc.batch_size * tc.seq_len * tc.grad_accum for r in rows)  # logged every step
     times = [r["elapsed_s"] for r in every]  # every row: the start, train steps and validations
     assert len(times) == 6 and times == sorted(times) and times[-1] > 0
     assert every[0] == {"step": 0, "elapsed_s": 0.0, "dtype": "float32", "dtype_reason": "set by train.dtype"}
