@@ -352,3 +352,30 @@ def test_chat_sends_a_pasted_passage_as_one_message(shakespeare_shards, tmp_path
     monkeypatch.setattr(nomoat.chat, "stream_reply", replying)
     assert main(["chat", str(tmp_path / "run"), "--max-new-tokens", "8"]) == 0
     assert seen == [["ANTONIO:\nWhat news?\n\nWho speaks first?"]]
+
+
+def test_chat_says_when_the_context_is_full_and_goes_on(shakespeare_shards, tmp_path, monkeypatch, capsys):
+    """A message that does not fit is withdrawn with one line (the chat goes on); a reply cut by the context
+    says so."""
+    import builtins
+    import dataclasses
+
+    import torch
+
+    from nomoat.checkpoint import save_checkpoint
+    from nomoat.model import Transformer
+    from nomoat.tokenizer import Tokenizer
+
+    cfg = tiny_run(shakespeare_shards, tmp_path / "run")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_seq_len=128))
+    torch.manual_seed(0)  # a model whose sampled text does not close its turn within the context
+    save_checkpoint(tmp_path / "run", 1, Transformer(cfg.model), cfg, Tokenizer.load(shakespeare_shards[1]))
+    typed = iter(["to be or not to be " * 40, "to be or not to be " * 10, ""])  # 359 tokens, then about 100
+    monkeypatch.setattr(builtins, "input", lambda prompt: next(typed))
+    command = ["chat", str(tmp_path / "run"), "--max-new-tokens", "60", "--temperature", "0", "--seed", "0"]
+    assert main(command) == 0
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()[1:]  # after the how-to line
+    assert lines[0].startswith("nomoat: the conversation is ") and "the model's context is 128" in lines[0]
+    assert lines[1] == "nomoat: the reply stopped at the model's context of 128 tokens; /reset to start over"
+    assert len(lines) == 2 and out.count("\n") >= 2  # the second message was answered
