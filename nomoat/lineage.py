@@ -7,6 +7,8 @@ imported models, hf_config.json) without loading the weights. Not here: building
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,8 @@ def lineage(path: str | Path) -> dict[str, Any]:
         "base": None,
         "data": None,
     }
+    if (folder / "model.safetensors").is_file():  # a LoRA checkpoint holds its adapter only: its base has these
+        out["model"] |= stored_weights(folder / "model.safetensors")
     if (folder / "hf_config.json").is_file():
         hf = json.loads((folder / "hf_config.json").read_text())
         out["base"] = hf.get("_name_or_path") or hf.get("architectures", ["Hugging Face checkpoint"])[0]
@@ -74,6 +78,25 @@ def _model_facts(cfg: ModelConfig) -> dict[str, Any]:
         "context": cfg.max_seq_len,
         "vocab_size": cfg.vocab_size,
     }
+
+
+ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "I8": "int8", "U8": "uint8", "I32": "int32"}
+
+
+def stored_weights(file: Path) -> dict[str, Any]:
+    """The weight file's size and the dtype most of its values are stored in, from its header alone."""
+    from safetensors import SafetensorError, safe_open
+
+    counts: Counter[str] = Counter()
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle is not a mapping)
+                part = f.get_slice(key)
+                counts[part.get_dtype()] += math.prod(part.get_shape())
+    except SafetensorError as e:
+        raise UserError(f"{file}: not a readable safetensors file ({e})") from None
+    dtype = counts.most_common(1)[0][0] if counts else None
+    return {"weight_bytes": file.stat().st_size, "dtype": ST_DTYPES.get(dtype, dtype)}
 
 
 def _hf_lineage(folder: Path) -> dict[str, Any]:

@@ -85,3 +85,31 @@ def test_info_on_a_hugging_face_folder_shows_size_and_tokenizer(shakespeare_shar
     text = format_lineage(info)
     assert "a Hugging Face LlamaForCausalLM folder" in text and f"{reference:,} parameters" in text
     assert "tokenizer  320 tokens" in text and "MB of weights (bfloat16)" in text
+
+
+def test_info_on_a_checkpoint_shows_its_weights_size_and_dtype(shakespeare_shards, tmp_path: Path, capsys) -> None:
+    """The size and storage dtype come from the safetensors header (a bf16 copy halves the bytes); a corrupt
+    weight file is one line and exit status 2."""
+    import torch
+
+    from nomoat.checkpoint import save_checkpoint
+    from nomoat.cli import main
+    from nomoat.model import Transformer
+    from nomoat.tokenizer import Tokenizer
+
+    cfg = tiny_run(shakespeare_shards, tmp_path / "run")
+    model, tok = Transformer(cfg.model), Tokenizer.load(shakespeare_shards[1])
+    save_checkpoint(tmp_path / "run", 1, model, cfg, tok)
+    info = lineage(tmp_path / "run")
+    weights = next((tmp_path / "run").rglob("model.safetensors"))
+    assert info["model"]["weight_bytes"] == weights.stat().st_size and info["model"]["dtype"] == "float32"
+    assert info["model"]["weight_bytes"] > 4 * info["model"]["parameters"] * 0.9
+    assert f"{weights.stat().st_size / 1e6:,.1f} MB of weights (float32)" in format_lineage(info)
+    save_checkpoint(tmp_path / "half", 1, model.to(torch.bfloat16), cfg, tok)
+    half = lineage(tmp_path / "half")["model"]
+    assert half["dtype"] == "bfloat16" and half["weight_bytes"] < 0.6 * info["model"]["weight_bytes"]
+
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    assert main(["info", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "model.safetensors: not a readable safetensors file" in err
