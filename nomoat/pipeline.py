@@ -26,7 +26,7 @@ from nomoat.checkpoint import list_checkpoints
 from nomoat.config import RunConfig, from_dict, read_toml, resolve_preset, to_toml
 from nomoat.errors import UserError
 from nomoat.files import atomic_folder, write_text_atomic
-from nomoat.run_recipe import STAGES, RunRecipe, TrainStage, recipe_dict
+from nomoat.run_recipe import STAGES, RunRecipe, TrainStage, check_inputs, recipe_dict
 
 VERSION = 1  # bump when a stage's output changes for the same settings: older runs then redo it
 TRAINING = ("pretrain", "sft", "dpo")
@@ -68,6 +68,7 @@ class Pipeline:
 
     def execute(self) -> dict[str, dict[str, Any]]:
         """Run (or skip) every stage in order; returns each stage's outputs."""
+        check_inputs(self.recipe)
         self.run.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.run / "recipe.toml", self.recipe.to_toml())
         stages = self.stages()

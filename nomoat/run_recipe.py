@@ -138,12 +138,21 @@ def _stage(name: str, table: Any, root: Path) -> Any:
         else:
             valid = [f"{name}.{k}" for k in hints if k != "tables"]
             raise unknown_key(f"{name}.{key}", valid + ([f"{name}.{s}" for s in SECTIONS] if cls is TrainStage else []))
-    for key in ("files", "recipe", "base", "data", "val_data", "config"):
+    for key in PATH_KEYS:
         kwargs |= _resolved(kwargs, key, root)
     if cls is TrainStage:
         _check_tables(name, tables)
         kwargs["tables"] = tables
     return cls(**kwargs)
+
+
+PATH_KEYS = ("files", "recipe", "base", "data", "val_data", "config")
+
+
+def _check_exists(field: str, value: str | tuple[str, ...] | None) -> None:
+    for path in (value,) if isinstance(value, str) else value or ():
+        if path and not path.startswith("builtin:") and not Path(path).exists():
+            raise UserError(f"{field}: {path}: no such file or folder")
 
 
 def _resolved(kwargs: dict[str, Any], key: str, root: Path) -> dict[str, Any]:
@@ -192,6 +201,16 @@ def parse_run_recipe(raw: dict[str, Any], root: Path) -> RunRecipe:
     if recipe.corpus and recipe.corpus.recipe and recipe.tokenizer:
         raise UserError("recipe: a data recipe names its own tokenizer; drop the [tokenizer] stage")
     return recipe
+
+
+def check_inputs(recipe: RunRecipe) -> None:
+    """Every file the recipe names exists: a missing input is named before any stage runs, not when its stage
+    starts (parsing does not check, so that a bundled template with placeholder paths still loads)."""
+    for name in STAGES:
+        for key in PATH_KEYS:
+            value = getattr(getattr(recipe, name), key, None)
+            if not (key == "config" and not str(value).endswith(".toml")):  # a preset's name is no path
+                _check_exists(f"{name}.{key}", value)
 
 
 def resolve_run_recipe(name_or_path: str) -> Path:

@@ -182,6 +182,8 @@ def test_interrupt_in_every_stage_then_rerun_gives_the_same_weights(finished: Pa
         ("[pretrain.train]\nstep = 3\n", "unknown config key 'pretrain.train.step'"),
         ("[pretrain.train]\nsteps = -1\n", "train.steps"),
         ("[corpus]\n", "set either files or recipe"),
+        ('[corpus]\nfiles = ["a.txt"]\n[tokenizer]\n', "corpus.files: "),  # named before any stage starts
+        ("[sft]\ndata = 'chats.jsonl'\nbase = 'b'\n", "sft.base: "),
     ],
 )
 def test_bad_recipes_are_one_line_errors(tmp_path: Path, capsys, text: str, message: str) -> None:
@@ -190,6 +192,8 @@ def test_bad_recipes_are_one_line_errors(tmp_path: Path, capsys, text: str, mess
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+    if message.endswith(": "):
+        assert err.endswith(": no such file or folder") and capsys.readouterr().out == ""
 
 
 def test_unknown_stage_for_from_and_missing_recipe(tmp_path: Path, capsys) -> None:
@@ -245,4 +249,11 @@ def test_pretrain_without_tokenizer_stage_is_an_error(tmp_path: Path) -> None:
 def test_out_sets_the_run_folder(tmp_path: Path, capsys) -> None:
     assert main(["run", "chat-demo", "--out", str(tmp_path / "elsewhere"), "--corpus.files", '["nope.txt"]']) == 2
     assert "corpus.files: nope.txt: no such file or folder" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()  # inputs are checked before anything is written
+    (tmp_path / "prose.txt").write_text("No speeches here, only prose.\n")
+    assert (
+        main(["run", "chat-demo", "--out", str(tmp_path / "elsewhere"), "--corpus.files", f'["{tmp_path}/prose.txt"]'])
+        == 2
+    )
+    assert "too few speeches" in capsys.readouterr().err
     assert (tmp_path / "elsewhere" / "recipe.toml").is_file()
