@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from nomoat.chat import check_roles, render_chat
 from nomoat.errors import UserError
@@ -263,11 +264,19 @@ class DPOLoss:
 
     @torch.no_grad()
     def evaluate(
-        self, forward: Callable[..., torch.Tensor], pairs: list[Pair], pad_id: int, batch_size: int, device: Any
+        self,
+        forward: Callable[..., torch.Tensor],
+        pairs: list[Pair],
+        pad_id: int,
+        batch_size: int,
+        device: Any,
+        progress: bool = False,
     ) -> dict[str, float]:
-        """The loss and metrics over held-out pairs, each pair weighing the same: val_loss, val_rewards/..."""
+        """The loss and metrics over held-out pairs, each pair weighing the same: val_loss, val_rewards/...; with
+        progress, a bar of batches on stderr."""
         totals: dict[str, float] = {}
-        for i in range(0, len(pairs), batch_size):
+        starts = range(0, len(pairs), batch_size)
+        for i in tqdm(starts, desc="validation", unit="batch", leave=False, disable=not progress):
             chunk = pairs[i : i + batch_size]
             batch = tuple(t.to(device) for t in collate_pairs(chunk, pad_id))
             loss, metrics = self(forward, batch)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from nomoat.chat import encode_chat
 from nomoat.checkpoint import Checkpoint, list_checkpoints, write_files
@@ -262,10 +263,12 @@ def masked_loss(
     rows: list[Row],
     device: torch.device | str = "cpu",
     batch_size: int = 8,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """Mean loss over scored tokens, and bits per byte of their text."""
+    """Mean loss over scored tokens, and bits per byte of their text; with progress, a bar of batches on stderr."""
     nats, tokens, nbytes = 0.0, 0, 0
-    for i in range(0, len(rows), batch_size):
+    starts = range(0, len(rows), batch_size)
+    for i in tqdm(starts, desc="validation", unit="batch", leave=False, disable=not progress):
         x, y, *segments = pad_batch(rows[i : i + batch_size], tokenizer.eos_id or 0)
         logits = forward(x.to(device), segments=segments[0].to(device) if segments else None).float()
         nats += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
@@ -328,7 +331,7 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Tra
         manifest=manifest,
     )
     if val_rows and fc.objective == "sft":
-        setup.val = lambda forward: masked_loss(forward, tokenizer, val_rows, device, tc.batch_size)
+        setup.val = lambda forward: masked_loss(forward, tokenizer, val_rows, device, tc.batch_size, progress)
     if fc.method != "full":  # checkpoints hold the adapter, not a copy of the base
         setup.export = lambda m, folder: save_adapter(m, folder, base=fc.base)
     # the base's side files, copied into every checkpoint; staged outside the run folder, which a refused run
@@ -394,7 +397,7 @@ def use_dpo(
     setup.loss = objective
     if val_pairs:
         held_out = val_pairs
-        setup.val = lambda forward: objective.evaluate(forward, held_out, pad, tc.batch_size, device)
+        setup.val = lambda forward: objective.evaluate(forward, held_out, pad, tc.batch_size, device, progress)
 
 
 def _stored_reference(run_dir: Path, pairs: int) -> torch.Tensor | None:

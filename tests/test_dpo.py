@@ -238,7 +238,9 @@ def metric_rows(run: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("precompute", [False, True], ids=["adapter-off", "precomputed"])
-def test_dpo_through_the_loop_resumes_exactly_and_merges(hf_base: Path, tmp_path: Path, precompute: bool) -> None:
+def test_dpo_through_the_loop_resumes_exactly_and_merges(
+    hf_base: Path, tmp_path: Path, precompute: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = write_jsonl(tmp_path / "pairs.jsonl", chat_records())
     cfg = dpo_config(hf_base, data, tmp_path / "a", precompute_ref=precompute, val_data=str(data))
     result = finetune(cfg, progress=False)
@@ -255,6 +257,11 @@ def test_dpo_through_the_loop_resumes_exactly_and_merges(hf_base: Path, tmp_path
     assert any(r["tokens"] == 2 * 2 * longest for r in train_rows) and longest < 48  # not batch_size x seq_len
     val = [r for r in rows if "val_loss" in r]
     assert len(val) == 2 and "val_rewards/accuracies" in val[-1] and val[-1]["val_loss"] < 0.6931
+    model = ours_with_lora(hf_base)[1]
+    objective = DPOLoss(model)
+    quiet = objective.evaluate(model, pairs, 0, 2, "cpu")
+    assert objective.evaluate(model, pairs, 0, 2, "cpu", progress=True) == quiet  # a bar of batches on stderr
+    assert f"validation:   0%|          | 0/{-(-len(pairs) // 2)} " in capsys.readouterr().err
     assert result.val_loss == val[-1]["val_loss"] and result.val_bpb is None
 
     finetune(dpo_config(hf_base, data, tmp_path / "b", precompute_ref=precompute, val_data=str(data),

@@ -153,6 +153,18 @@ def test_packed_rows_score_what_the_samples_score_alone(base: Path, tmp_path: Pa
     assert abs(a["val_loss"] - b["val_loss"]) < 1e-5 and abs(a["val_bpb"] - b["val_bpb"]) < 1e-5
 
 
+def test_validation_shows_its_progress_on_stderr(base: Path, tmp_path: Path, capsys) -> None:
+    """Fine-tuning's validation counts its batches on stderr as pretraining's does; the numbers stay the same."""
+    ckpt = load_checkpoint(base)
+    chats = [{"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": "Yes."}]}
+             for i in range(5)]  # fmt: skip
+    rows, _ = build_rows(ckpt.tokenizer, write_jsonl(tmp_path / "d.jsonl", chats), 60)
+    quiet = masked_loss(ckpt.model, ckpt.tokenizer, rows, batch_size=2)
+    assert capsys.readouterr().err == ""
+    assert masked_loss(ckpt.model, ckpt.tokenizer, rows, batch_size=2, progress=True) == quiet
+    assert "validation:   0%|          | 0/3 " in capsys.readouterr().err
+
+
 def test_loader_batches_are_a_function_of_seed_and_step() -> None:
     rows = [([i, i + 1], [i + 1, i + 2]) for i in range(10)]
     a = RowLoader(rows, 3, seed=5, pad_id=0)
