@@ -107,7 +107,7 @@ def report_blocks(run: Path) -> list[Block]:
         blocks += stage.blocks(run, evals, samples)
     if results is not None:
         shown = {EVAL_KEY.get(name, name) for name in stages}
-        blocks += eval_blocks(run, evals, [s for s in samples if s.get("stage") not in shown])
+        blocks += eval_blocks(run, results, [s for s in samples if s.get("stage") not in shown])
     if (run / "model").is_dir():
         blocks += model_blocks(run)
     return blocks
@@ -410,11 +410,18 @@ def _sample_title(stage: str, i: int, sample: dict[str, Any]) -> str:
     return f"{stage} sample {i}{expected}"
 
 
-def eval_blocks(run: Path, evals: dict[str, Any], samples: list[dict[str, Any]]) -> list[Block]:
+def eval_blocks(run: Path, results: dict[str, Any], samples: list[dict[str, Any]]) -> list[Block]:
+    evals = results.get("stages", {})
     out: list[Block] = [Heading(2, "Evaluation across stages")]
     if line := stage_line(run / "eval"):
         out.append(line)
     out.append(eval_table(evals) if evals else Para("No stage was evaluated."))
+    if isinstance(held := results.get("heldout"), int) and held:
+        out.append(Para(
+            f"Chat-task accuracy: greedy answers, exact match, on {held:,} held-out items. The change column "
+            "compares each stage with the one before on the same items: the exact McNemar test's p-value is the "
+            "chance of a change at least this large if the two models were equally good."
+        ))  # fmt: skip
     if samples:
         out.append(Heading(3, "Sample conversations"))
         out += [Chat(_sample_title(s.get("stage", "?"), i, s), s["messages"]) for i, s in enumerate(samples, 1)]

@@ -37,6 +37,7 @@ DRIVER = shutil.which("chromedriver")
 CHATS = [("What colour is the sky?", "Blue."), ("Name a prime number.", "Seven."), ("Say hello.", "Hello there!")]
 HOSTILE = "<script>alert(1)</script> a | pipe"  # a sample that must reach both files as text, never as markup
 RESULTS = {
+    "heldout": 8,
     "stages": {
         "base": {"tasks": {"capitals": 0.25, "chat_qa": 0.0}, "accuracy": 0.125, "val_bpb": 3.125},
         "sft": {
@@ -185,6 +186,7 @@ def test_report_md_has_the_chain_the_stages_and_the_scores(run: Path) -> None:
          "| dpo | 3.3750 | 0.5000 | 1.0000 | 0.7500 | +12.5 points vs sft (p = 1) | 0.3750 | 0.5000 |"),
     ):  # fmt: skip
         assert row in table and own + "\n" in sections  # also in its own stage's section, with its columns only
+    assert "exact match, on 8 held-out items" in table and "McNemar test's p-value" in table
     # samples in their stage's section, escaped: no markup, and no code fence the text could close
     assert "```text\nSay hello.\n```" in sft and f"```text\n{HOSTILE}\n```" in dpo  # fenced: shown, never run
     assert "````text\n```x\n````" in dpo and md.count("<script") == 1 and "(expected: Seven.)" in dpo
