@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from nomoat.chat import encode_chat
 from nomoat.checkpoint import Checkpoint, list_checkpoints, write_files
 from nomoat.config import FinetuneConfig, RunConfig, absolute_paths
 from nomoat.convert.hf import copy_side_files
+from nomoat.data.datasheet import source_of
 from nomoat.device import pick_device
 from nomoat.dpo import (
     DPOLoss,
@@ -320,8 +322,11 @@ def finetune(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Tra
         print(f"model: {fc.method}, {trainable:,} trainable parameters", flush=True)
 
     data = Path(fc.data)
+    digest = file_sha256(data)
+    source = source_of(data, digest) or {}  # a datasheet beside the file: its licence travels with the model
+    origin = {"source": source["name"], "license": source["license"], "url": source["url"]} if source else {}
     manifest = {
-        "inputs": [{"path": str(data), "sha256": file_sha256(data), "tokens": stats.tokens}],
+        "inputs": [{"path": str(data), "sha256": digest, "tokens": stats.tokens, **origin}],
         "finetune": dataclasses.asdict(stats),
     }
     setup = Setup(
@@ -475,8 +480,11 @@ def merge(
 
 
 def _save_folder(ckpt: Checkpoint, base: Path, out: Path) -> None:
-    """A plain checkpoint folder at out, with the base's side files, written beside it and renamed into place."""
+    """A plain checkpoint folder at out, with the base's side files and the adapter's manifest (the data it was
+    tuned on, which `nomoat info` and the model card read), written beside it and renamed into place."""
     with atomic_folder(out) as tmp:
         write_files(tmp, ckpt.model, ckpt.cfg, ckpt.tokenizer)
         if base.is_dir():
             copy_side_files(base, tmp)
+        if (ckpt.path / "manifest.json").is_file():
+            shutil.copyfile(ckpt.path / "manifest.json", tmp / "manifest.json")

@@ -61,7 +61,7 @@ def lineage(path: str | Path) -> dict[str, Any]:
         manifest = json.loads((folder / "manifest.json").read_text())
         inputs = manifest.get("inputs", []) + manifest.get("val_inputs", [])
         out["data"] = [
-            {"name": Path(i["path"]).name, "license": None, "url": None, "tokens": i["tokens"],
+            {"name": Path(i["path"]).name, "license": i.get("license"), "url": i.get("url"), "tokens": i["tokens"],
              "files": [{"path": i["path"], "sha256": i["sha256"]}]}
             for i in inputs
         ]  # fmt: skip

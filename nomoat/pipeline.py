@@ -24,11 +24,12 @@ from typing import Any
 
 from nomoat.checkpoint import list_checkpoints
 from nomoat.config import RunConfig, from_dict, read_toml, resolve_preset, to_toml
+from nomoat.data.datasheet import write_files_datasheet
 from nomoat.errors import UserError
 from nomoat.files import atomic_folder, write_text_atomic
 from nomoat.run_recipe import STAGES, RunRecipe, TrainStage, check_inputs, recipe_dict
 
-VERSION = 1  # bump when a stage's output changes for the same settings: older runs then redo it
+VERSION = 2  # bump when a stage's output changes for the same settings: older runs then redo it
 TRAINING = ("pretrain", "sft", "dpo")
 BUILTIN_TEXT = Path(__file__).parent / "assets" / "tinyshakespeare.txt"
 SHAKESPEARE = {
@@ -291,6 +292,8 @@ def run_corpus(p: Pipeline, folder: Path) -> dict[str, Any]:
     out["source"] = str(folder / "source.json")
     if c.play_tasks:
         out["tasks"] = write_play_tasks(text[:cut], text[cut:], c.play_tasks, c.shots, folder / "tasks")
+        derived = {**source, "name": f"play tasks made from {source['name']}"}  # the text's licence, as its own
+        write_files_datasheet(folder / "tasks", [Path(f) for f in out["tasks"].values()], derived)
     say(f"[corpus] {cut:,} training and {len(text) - cut:,} validation characters")
     return out
 

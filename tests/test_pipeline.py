@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -12,7 +13,10 @@ from safetensors.torch import load_file
 
 from nomoat import pipeline
 from nomoat.cli import main
+from nomoat.data.datasheet import source_of
 from nomoat.errors import UserError
+from nomoat.files import file_sha256
+from nomoat.lineage import lineage
 from nomoat.run_recipe import load_run_recipe, parse_run_recipe, recipe_dict
 
 TINY = """
@@ -100,6 +104,26 @@ def test_every_stage_leaves_its_folder_and_fingerprint(finished: Path) -> None:
         assert change["change"] == pytest.approx(accuracies) and change["gained"] + change["lost"] <= results["heldout"]
     assert "vs_previous" not in results["stages"]["base"]
     assert (finished / "model" / "config.toml").is_file()
+
+
+def test_the_play_tasks_carry_the_text_licence_into_the_model(finished: Path, tmp_path: Path) -> None:
+    """The conversations and pairs made from the bundled play are credited to it, under its licence, in every
+    fine-tuned model's lineage and in the model card (not "licence not recorded", not "unknown")."""
+    from nomoat.card import training_data, write_model_card
+
+    sources = training_data(lineage(finished / "model"))
+    assert [s["stage"] for s in sources] == ["pretraining", "fine-tuning (full)", "fine-tuning (lora)"]  # merged
+    assert all(s["license"].startswith("public domain") for s in sources), sources
+    assert [s["name"] for s in sources[1:]] == ["sft.jsonl", "dpo.jsonl"]
+    write_model_card(finished / "model", tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert 'license: "other"' in card and 'license_name: "public-domain"' in card
+    tampered = finished.parent / "tampered"  # a file changed since its datasheet was written is not credited
+    shutil.copytree(finished / "corpus" / "tasks", tampered)
+    with (tampered / "sft.jsonl").open("a") as f:
+        f.write("\n")
+    assert source_of(tampered / "sft.jsonl", file_sha256(tampered / "sft.jsonl")) is None
+    assert source_of(tampered / "dpo.jsonl", file_sha256(tampered / "dpo.jsonl"))["license"].startswith("public")
 
 
 def test_rerun_skips_done_stages_and_a_change_reruns_from_there(finished: Path, tmp_path: Path, capsys) -> None:

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from nomoat.data.recipe import Recipe
+from nomoat.files import file_sha256, write_text_atomic
 
 _MD_FILES = 20  # input files listed per source in datasheet.md; datasheet.json lists them all
 
@@ -138,3 +139,25 @@ def write_source_datasheet(folder: Path, manifest: dict, source: dict[str, str])
     md += [f"- `{f['sha256']}` {f['path']} ({f['bytes']:,} bytes)" for f in sheet["sources"][0]["files"]]
     (folder / "datasheet.md").write_text("\n".join(md) + "\n")
     return sheet
+
+
+def write_files_datasheet(folder: Path, files: list[Path], source: dict[str, str]) -> None:
+    """datasheet.json beside ready-made training files (chats, preference pairs) that came from one known source:
+    its name, licence and origin and each file's hash, so that a model fine-tuned on one of them records where
+    its data came from and under which licence (`source_of`)."""
+    entry = {**source, "files": [{"path": str(f), "sha256": file_sha256(f), "bytes": f.stat().st_size} for f in files]}
+    write_text_atomic(folder / "datasheet.json", json.dumps({"sources": [entry]}, indent=2, sort_keys=True) + "\n")
+
+
+def source_of(path: Path, sha256: str) -> dict[str, str | None] | None:
+    """The name, licence and origin that a datasheet.json beside the file records for it (matched by hash, so a
+    file changed since is not credited), or None."""
+    sheet = path.parent / "datasheet.json"
+    try:
+        sources = json.loads(sheet.read_text()).get("sources", []) if sheet.is_file() else []
+    except (OSError, ValueError, AttributeError):
+        return None  # an unreadable sheet records nothing; the data itself is checked when it is read
+    for source in sources if isinstance(sources, list) else []:
+        if any(isinstance(f, dict) and f.get("sha256") == sha256 for f in source.get("files", [])):
+            return {k: source.get(k) for k in ("name", "license", "url")}
+    return None
