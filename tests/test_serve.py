@@ -358,13 +358,13 @@ def steer(body: dict) -> None:
     a short non-empty prompt, few tokens, ids in the vocabulary), so that fuzzing reaches sampling and streaming
     with odd temperatures, top_p, stops and seeds."""
     body["model"] = NAME
-    if isinstance(body.get("messages"), list):
+    if isinstance(body.get("messages"), list):  # generated bodies may hold any JSON value here (True, 0, "")
         body["messages"] = body["messages"][:2]
-    for i, message in enumerate(body.get("messages") or []):
-        if isinstance(message, dict):
-            message["role"] = ("user", "assistant")[i % 2]
-            if isinstance(message.get("content"), str):
-                message["content"] = message["content"][:20]
+        for i, message in enumerate(body["messages"]):
+            if isinstance(message, dict):
+                message["role"] = ("user", "assistant")[i % 2]
+                if isinstance(message.get("content"), str):
+                    message["content"] = message["content"][:20]
     for key, bound in (("max_tokens", 8), ("max_completion_tokens", 8), ("n", 2)):
         if type(body.get(key)) is int:
             body[key] = body[key] % bound + 1
