@@ -256,14 +256,9 @@ def _chat_turn(args: argparse.Namespace, ckpt: Any, messages: list[dict[str, str
 
     Ctrl-C stops the reply and keeps the part already shown as the assistant's turn, so that what the model
     sees next is what the user saw; stopped before any text, the user's message is withdrawn too."""
-    from nomoat.chat import render_chat, stream_reply
+    from nomoat.chat import stream_reply
+    from nomoat.generate import PromptTooLong
 
-    context = ckpt.model.cfg.max_seq_len
-    prompt = len(ckpt.tokenizer.encode(render_chat(ckpt.tokenizer, messages, add_generation_prompt=True)))
-    if prompt >= context:  # the chat goes on: the message is withdrawn, and /reset makes room
-        print(f"nomoat: the conversation is {prompt} tokens, the model's context is {context}: "
-              "send a shorter message, or /reset to start over", file=sys.stderr)  # fmt: skip
-        return messages[:-1]
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     pieces, stopped, stats = [], False, {}
     try:
@@ -273,10 +268,14 @@ def _chat_turn(args: argparse.Namespace, ckpt: Any, messages: list[dict[str, str
     except KeyboardInterrupt:
         stopped = True
         print(" [stopped]", end="", flush=True)
+    except PromptTooLong as e:  # the chat goes on: the message is withdrawn, and /reset makes room
+        print(f"nomoat: the conversation is {e.tokens} tokens, the model's context is {e.context}: "
+              "send a shorter message, or /reset to start over", file=sys.stderr)  # fmt: skip
+        return messages[:-1]
     print()
     if stats.get("finish") == "context":
-        print(f"nomoat: the reply stopped at the model's context of {context} tokens; /reset to start over",
-              file=sys.stderr)  # fmt: skip
+        print(f"nomoat: the reply stopped at the model's context of {ckpt.model.cfg.max_seq_len} tokens; "
+              "/reset to start over", file=sys.stderr)  # fmt: skip
     reply = "".join(pieces).strip()
     return messages[:-1] if stopped and not reply else [*messages, {"role": "assistant", "content": reply}]
 

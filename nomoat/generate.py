@@ -191,12 +191,20 @@ def warm_up(model: Transformer) -> float:
     return time.perf_counter() - start
 
 
+class PromptTooLong(UserError):
+    """A prompt that leaves no room to generate: a chat catches it to go on (a shorter message, /reset)."""
+
+    def __init__(self, tokens: int, context: int) -> None:
+        super().__init__(f"the prompt has {tokens} tokens; the model's context is {context}")
+        self.tokens, self.context = tokens, context
+
+
 def _check(model: Transformer, prompt: Sequence[int], max_new_tokens: int) -> None:
     max_len = model.cfg.max_seq_len
     if not prompt:
         raise UserError("the prompt is empty: give at least one token")
     if len(prompt) >= max_len:
-        raise UserError(f"the prompt has {len(prompt)} tokens; the model's context is {max_len}")
+        raise PromptTooLong(len(prompt), max_len)
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
 

@@ -83,8 +83,8 @@ def _model_facts(cfg: ModelConfig) -> dict[str, Any]:
 ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "I8": "int8", "U8": "uint8", "I32": "int32"}
 
 
-def stored_weights(file: Path) -> dict[str, Any]:
-    """The weight file's size and the dtype most of its values are stored in, from its header alone."""
+def stored_values(file: Path) -> Counter[str]:
+    """How many values a safetensors file stores in each dtype ("F32": n), from its header alone."""
     from safetensors import SafetensorError, safe_open
 
     counts: Counter[str] = Counter()
@@ -95,6 +95,12 @@ def stored_weights(file: Path) -> dict[str, Any]:
                 counts[part.get_dtype()] += math.prod(part.get_shape())
     except SafetensorError as e:
         raise UserError(f"{file}: not a readable safetensors file ({e})") from None
+    return counts
+
+
+def stored_weights(file: Path) -> dict[str, Any]:
+    """The weight file's size and the dtype most of its values are stored in."""
+    counts = stored_values(file)
     dtype = counts.most_common(1)[0][0] if counts else None
     return {"weight_bytes": file.stat().st_size, "dtype": ST_DTYPES.get(dtype, dtype)}
 

@@ -27,7 +27,7 @@ from nomoat.config import RunConfig, from_dict, read_toml, resolve_preset, to_to
 from nomoat.data.datasheet import write_files_datasheet
 from nomoat.errors import UserError
 from nomoat.files import atomic_folder, write_text_atomic
-from nomoat.run_recipe import STAGES, RunRecipe, TrainStage, check_inputs, recipe_dict
+from nomoat.run_recipe import STAGE_SETTINGS, STAGES, RunRecipe, TrainStage, check_inputs, merge_tables, recipe_dict
 
 VERSION = 2  # bump when a stage's output changes for the same settings: older runs then redo it
 TRAINING = ("pretrain", "sft", "dpo")
@@ -143,7 +143,7 @@ class Pipeline:
         raw = read_toml(resolve_preset(config)) if config else {}
         if stage != "pretrain":
             raw.pop("model", None)  # a fine-tune's model is its base's
-        raw = _merge(raw, t.tables)
+        raw = merge_tables(merge_tables(raw, t.tables), STAGE_SETTINGS.get(stage, {}))
         raw.setdefault("train", {})["out_dir"] = str(folder)
         if stage == "pretrain":
             made = self.outputs.get("tokenizer") or self.outputs.get("corpus") or {}
@@ -163,8 +163,6 @@ class Pipeline:
             ft["base"] = t.base or self.last_model(stage)
             ft["data"] = t.data or self.outputs["corpus"]["tasks"][stage]
             ft["val_data"] = t.val_data or ft.get("val_data", "")
-            if stage == "dpo":
-                ft["objective"] = "dpo"
         return from_dict(raw, where=f"recipe [{stage}]")
 
     def train_stage(self, stage: str, folder: Path) -> dict[str, Any]:
@@ -207,13 +205,6 @@ class Pipeline:
         with atomic_folder(out) as tmp:
             shutil.copytree(last, tmp, dirs_exist_ok=True)
         return out
-
-
-def _merge(raw: dict[str, Any], tables: dict[str, Any]) -> dict[str, Any]:
-    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-    for section, values in tables.items():
-        merged.setdefault(section, {}).update(values)
-    return merged
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import base64
 import html
 import io
 import json
-import math
 import re
 import statistics
 from dataclasses import dataclass
@@ -22,8 +21,9 @@ from typing import Any
 
 from nomoat.checkpoint import list_checkpoints
 from nomoat.errors import UserError
+from nomoat.eval.play_tasks import change_line
 from nomoat.files import BadLines, file_sha256, read_json, read_records, write_text_atomic
-from nomoat.lineage import lineage
+from nomoat.lineage import lineage, stored_values
 
 TRAINING = ("pretrain", "sft", "dpo")
 STAGES = ("corpus", "tokenizer", *TRAINING, "eval", "model")
@@ -267,10 +267,7 @@ def _decision(row: dict[str, Any], key: str) -> bool:
 
 def adapter_parameters(path: Path) -> int:
     """Parameters in a safetensors file, from its header alone."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return sum(stored_values(path).values())
 
 
 def png_bytes(fig: Any) -> bytes:
@@ -398,7 +395,7 @@ def eval_table(evals: dict[str, Any]) -> Table:
 def _change(change: dict[str, Any] | None) -> str:
     if not change or not {"change", "p_value", "stage"} <= change.keys():
         return "–"
-    return f"{100 * change['change']:+.1f} points vs {change['stage']} (p = {change['p_value']:.2g})"
+    return change_line(change, counts=False)
 
 
 def _number(value: Any) -> str:

@@ -147,6 +147,15 @@ def _stage(name: str, table: Any, root: Path) -> Any:
 
 
 PATH_KEYS = ("files", "recipe", "base", "data", "val_data", "config")
+STAGE_SETTINGS = {"dpo": {"finetune": {"objective": "dpo"}}}  # what a stage sets over its tables: dpo trains by DPO
+
+
+def merge_tables(raw: dict[str, Any], tables: dict[str, Any]) -> dict[str, Any]:
+    """raw with each section of tables laid over its own (neither is changed)."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for section, values in tables.items():
+        merged.setdefault(section, {}).update(values)
+    return merged
 
 
 def _check_exists(field: str, value: str | tuple[str, ...] | None) -> None:
@@ -180,10 +189,8 @@ def _check_tables(name: str, tables: dict[str, dict[str, Any]]) -> None:
             if key not in hints:
                 raise unknown_key(f"{name}.{section}.{key}", [f"{name}.{section}.{k}" for k in hints])
             check_value(f"{name}.{section}.{key}", hints[key], value)
-    if name == "dpo":  # as the stage will run it
-        tables = {**tables, "finetune": {**tables.get("finetune", {}), "objective": "dpo"}}
     try:  # each section's own checks (ranges, combinations), now rather than when the stage starts
-        from_dict(tables, where=f"[{name}]")
+        from_dict(merge_tables(tables, STAGE_SETTINGS.get(name, {})), where=f"[{name}]")
     except UserError as e:
         raise UserError(f"[{name}]: {e}") from None
 

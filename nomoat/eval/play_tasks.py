@@ -235,10 +235,8 @@ def read_items(path: str | Path) -> list[Item]:
         return [Item(**json.loads(line)) for line in f]
 
 
-def change_line(change: dict[str, Any]) -> str:
-    """`+3.1 points vs sft (61 items gained, 33 lost; McNemar p = 0.0045)`: a paired_change, with the "stage"
-    it is measured against, for people."""
-    return (
-        f"{100 * change['change']:+.1f} points vs {change['stage']} ({change['gained']} items gained, "
-        f"{change['lost']} lost; McNemar p = {change['p_value']:.2g})"
-    )
+def change_line(change: dict[str, Any], counts: bool = True) -> str:
+    """`+3.1 points vs sft (61 items gained, 33 lost; McNemar p = 0.0045)`, or without the counts
+    `+3.1 points vs sft (p = 0.0045)` (a table cell): a paired_change, with the "stage" it is measured against."""
+    detail = f"{change['gained']} items gained, {change['lost']} lost; McNemar p" if counts else "p"
+    return f"{100 * change['change']:+.1f} points vs {change['stage']} ({detail} = {change['p_value']:.2g})"
